@@ -146,6 +146,19 @@ def edited(model, edit, start=None):
             h.remove()
 
 
+APPLY = {"iti": "ITI's convention: MC answer tokens; generation from the last prompt token on; every token of CE/KL text",
+         "all": "every token (the LoRA-equivalent edit, as IPO trains it)"}
+
+
+def edit_start(apply, stage, first_position):
+    """The `start` for `edited` under a convention (edit.meta['apply'], or a user override) in one stage of evaluation.
+    stage: 'mc' (first_position = first answer token), 'generate' (= last prompt token) or 'text' (CE/KL).
+    Returns None (every token) or the [batch] first positions to edit."""
+    if apply not in APPLY:
+        raise SystemExit(f"unknown edit convention {apply!r}: choose {' or '.join(APPLY)}")
+    return None if apply == "all" or stage == "text" else first_position
+
+
 def save_edit(path, edit):
     from safetensors.torch import save_file
     from models import write_atomic

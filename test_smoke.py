@@ -167,6 +167,15 @@ def test_edit_positions_continue_through_kv_cache(tiny):
     torch.testing.assert_close(whole, stepped, atol=1e-5, rtol=1e-4)
 
 
+def test_edit_start_follows_the_convention():
+    first = torch.tensor([4, 7])
+    assert heads.edit_start("all", "mc", first) is None and heads.edit_start("iti", "text", first) is None
+    assert torch.equal(heads.edit_start("iti", "mc", first), first)
+    assert torch.equal(heads.edit_start("iti", "generate", first), first)
+    with pytest.raises(SystemExit, match="unknown edit convention"):
+        heads.edit_start("answers", "mc", first)
+
+
 def test_edit_file_roundtrip_and_refusals(tiny, tmp_path):
     model, _, _ = tiny["tiny-llama"]
     geo = heads.geometry(model)
