@@ -107,11 +107,11 @@ class Edit(nn.Module):
         self.meta = dict(meta or {}, geometry=vars(geo), heads=format_heads(mask_to_heads(self.head_mask)))
 
     def delta(self, layer, o):
-        """What the edit adds to o^l [..., H*D]."""
+        """What the edit adds to o^l [..., H*D] (broadcastable to o)."""
         mask = self.head_mask[layer].repeat_interleave(self.geo.head_dim).to(o.dtype)  # [H*D]
-        delta = torch.zeros_like(o)
+        delta = 0  # an offset stays a [H*D] vector, broadcast over tokens: no [batch, seq, H*D] temporary
         if self.offset is not None:
-            delta = delta + self.offset[layer].flatten().to(o.dtype) * mask
+            delta = self.offset[layer].flatten().to(o.dtype) * mask
         if self.a is not None:
             delta = delta + (o @ self.a[layer].to(o.dtype)).unsqueeze(-1) * (self.b[layer].to(o.dtype) * mask)
         return delta
