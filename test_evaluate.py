@@ -1,0 +1,282 @@
+"""Tests of evaluate.py: MC1/2/3 by hand, the batched MC scorer against a plain one-forward-per-answer scorer, where
+edits apply in generation, CE/KL, the judge path (a tiny random LM as the stand-in judge), resuming, bad input.
+
+Run: python -m pytest -q test_evaluate.py        Benchmark (batched vs per-answer MC scoring): python test_evaluate.py
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+import evaluate
+import heads
+import judge
+import models
+import tqa
+from test_smoke import SHARED_CSV, needs_shared, write_fixture_csv
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.load_model("tiny-llama")
+
+
+def save_test_edit(path, model, kind, scale=1.0, apply=None):
+    """An ITI-like offset edit (applies at ITI's positions) or an IPO-like rank-1 edit (every token)."""
+    geo = heads.geometry(model)
+    g = torch.Generator().manual_seed(1)
+    mask = heads.heads_to_mask([(0, 1), (1, 2), (2, 0)], geo)
+    hd = geo.n_heads * geo.head_dim
+    if kind == "iti":
+        edit = heads.Edit(geo, mask, offset=scale * torch.randn(geo.n_layers, geo.n_heads, geo.head_dim, generator=g))
+    else:
+        edit = heads.Edit(geo, mask, a=scale * torch.randn(geo.n_layers, hd, generator=g),
+                          b=scale * torch.randn(geo.n_layers, hd, generator=g))
+    edit.meta.update(model="tiny-llama", fingerprint=heads.fingerprint(model), method=kind, head_spec="0.1,1.2,2.0",
+                     apply=apply or ("iti" if kind == "iti" else "all"), seed=0)
+    heads.save_edit(str(path), edit)
+    return heads.load_edit(str(path), model)
+
+
+def plain_logprobs(model, tokenizer, question, instruction="default", edit=None, apply="iti"):
+    """The second implementation: one full forward of prompt + answer per answer, edit placed by heads.edit_start."""
+    prompt = tokenizer(tqa.qa_prompt(question["question"], instruction))["input_ids"]
+    scores = []
+    for answer in question["correct"] + question["incorrect"]:
+        ids = prompt + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        start = None if edit is None else heads.edit_start(apply, "mc", torch.tensor([len(prompt)]))
+        with torch.no_grad(), evaluate.edit_context(model, edit, start):
+            logprobs = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # [seq-1, vocab]
+        scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
+    return scores
+
+
+def batched_logprobs(model, tokenizer, question, instruction="default", edit=None, apply="iti", shared=None):
+    prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, question, instruction)
+    return evaluate.answer_logprobs(model, prompt_ids, answer_ids, edit, apply, shared)
+
+
+def run(tmp_path, *args, data=None, text=True):
+    """evaluate.main on the fixture CSV with small settings; returns nothing (reads happen in the tests)."""
+    argv = ["--model", "tiny-llama", "--data", data or write_fixture_csv(tmp_path / "tqa.csv", n=15),
+            "--max-new-tokens", "6", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), *args]
+    if text and "--text" not in args:
+        (tmp_path / "docs.txt").write_text("The cat sat on the mat and looked at the door.\n\nA quick brown fox "
+                                           "jumps over the lazy dog. Nothing happens.\n\nI have no comment. Yes. No.")
+        argv += ["--text", str(tmp_path / "docs.txt")]
+    evaluate.main(argv)
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- MC1 / MC2 / MC3
+
+def test_mc_metrics_by_hand():
+    # correct answers (best is index 1) and incorrect ones, as summed log-probs
+    true, false = [math.log(0.2), math.log(0.5), math.log(0.05)], [math.log(0.1), math.log(0.3)]
+    m = evaluate.mc_metrics(true, false, i_best=1)
+    assert m["mc1"] == 1.0  # 0.5 beats 0.1 and 0.3
+    assert m["mc2"] == pytest.approx(0.75 / 1.15)  # (0.2+0.5+0.05) / (0.2+0.5+0.05+0.1+0.3)
+    assert m["mc3"] == pytest.approx(1 / 3)  # only 0.5 beats the best incorrect 0.3
+    m = evaluate.mc_metrics(true, false, i_best=0)  # best 0.2 loses to 0.3
+    assert m["mc1"] == 0.0 and m["mc3"] == pytest.approx(1 / 3)
+    # very long answers: exp() of the raw scores underflows, the normalised mass does not
+    assert evaluate.mc_metrics([-1000.0], [-1000.0 - math.log(3)], 0)["mc2"] == pytest.approx(0.75)
+
+
+# ---- the batched scorer against the plain one
+
+def check_scorer(model, tokenizer, questions, tmp_path):
+    iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=2.0)
+    ipo = save_test_edit(tmp_path / "ipo.safetensors", model, "ipo", scale=0.3)
+    for q in questions:
+        shared = evaluate.run_prefix(model, tokenizer(tqa.qa_prompt(q["question"]), return_tensors="pt")["input_ids"])
+        plain = plain_logprobs(model, tokenizer, q)
+        assert batched_logprobs(model, tokenizer, q, shared=shared) == pytest.approx(plain, abs=1e-4)
+        for edit in (iti, ipo):
+            apply = edit.meta["apply"]
+            expected = plain_logprobs(model, tokenizer, q, edit=edit, apply=apply)
+            assert not expected == pytest.approx(plain, abs=1e-3)  # the edit does move the scores
+            # the shared (unedited) prefix is reused by the ITI edit and ignored by the every-token one
+            assert batched_logprobs(model, tokenizer, q, edit=edit, apply=apply, shared=shared) == pytest.approx(
+                expected, abs=1e-4)
+
+
+def test_batched_scorer_equals_plain_scorer_on_fixture_rows(llama, tmp_path):
+    model, tokenizer, _ = llama
+    questions = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=3))
+    check_scorer(model, tokenizer, questions, tmp_path)
+
+
+@needs_shared
+def test_batched_scorer_equals_plain_scorer_on_real_rows(llama, tmp_path):
+    model, tokenizer, _ = llama
+    check_scorer(model, tokenizer, tqa.load_truthfulqa(SHARED_CSV)[:3], tmp_path)
+
+
+def test_iti_edit_leaves_the_first_answer_token_and_prompt_alone(llama, tmp_path):
+    """ITI's MC convention: edit from the first answer token, whose own log-prob comes from the unedited prompt."""
+    model, tokenizer, _ = llama
+    q = {"question": "Why?", "correct": ["Yes."], "incorrect": ["No."], "best": "Yes."}  # one-token answers?
+    iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=5.0)
+    prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, q, "none")
+    one_token = [[a[0]] for a in answer_ids]
+    assert evaluate.answer_logprobs(model, prompt_ids, one_token, iti, "iti") == evaluate.answer_logprobs(
+        model, prompt_ids, one_token)
+
+
+# ---- generation
+
+def plain_greedy(model, tokenizer, prompt, n, edit=None, apply="iti"):
+    """Greedy decoding by full recomputation, the edit from the last prompt token on."""
+    ids = tokenizer(prompt)["input_ids"]
+    start = None if edit is None else heads.edit_start(apply, "generate", torch.tensor([len(ids) - 1]))
+    for _ in range(n):
+        with torch.no_grad(), evaluate.edit_context(model, edit, start):
+            ids = ids + [int(model(torch.tensor([ids])).logits[0, -1].argmax())]
+    return tokenizer.decode(ids[len(tokenizer(prompt)["input_ids"]):], skip_special_tokens=True)
+
+
+def test_batched_left_padded_generation_equals_plain_greedy(llama, tmp_path):
+    model, tokenizer, _ = llama
+    prompts = [tqa.qa_prompt("What is fact 1?", "none"), tqa.qa_prompt("Why is the sky blue on a clear day?")]
+    iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=3.0)
+    for edit in (None, iti):
+        got = evaluate.generate(model, tokenizer, prompts, 8, edit, "iti", stop=False)
+        assert got == [plain_greedy(model, tokenizer, p, 8, edit) for p in prompts]
+    assert evaluate.generate(model, tokenizer, prompts, 8, iti, "iti", stop=False) != evaluate.generate(
+        model, tokenizer, prompts, 8, stop=False)
+
+
+def test_cut_answer():
+    assert evaluate.cut_answer(" Paris is the capital.\nB: yes") == "Paris is the capital."
+    assert evaluate.cut_answer(" Nothing happens. Q: What next?") == "Nothing happens."
+    assert evaluate.cut_answer(" I have no comment.\n\nQ: x") == "I have no comment."
+    assert evaluate.cut_answer("\nA") == ""
+
+
+# ---- the whole run: zero edit, strong edit, results, judges, resume
+
+def test_zero_edit_gives_kl_zero_and_baseline_mc_strong_edit_moves_kl(llama, tmp_path):
+    model, _, _ = llama
+    zero = save_test_edit(tmp_path / "zero.safetensors", model, "iti", scale=0.0)
+    strong = save_test_edit(tmp_path / "strong.safetensors", model, "ipo", scale=1.0)
+    assert not zero.offset.any()
+    run(tmp_path, "--edit", "none", str(tmp_path / "zero.safetensors"), str(tmp_path / "strong.safetensors"),
+        "--judges", "none", "--out", str(tmp_path / "results"))
+    base, z, s = (load(tmp_path / "results" / f"{n}.json") for n in ("baseline", "zero", "strong"))
+    assert base["metrics"]["kl"] == 0.0 and z["metrics"]["kl"] == 0.0 and s["metrics"]["kl"] > 0.01
+    assert z["metrics"]["ce"] == base["metrics"]["ce"] and s["metrics"]["ce"] != base["metrics"]["ce"]
+    for k in ("mc1", "mc2", "mc3"):
+        assert z["metrics"][k] == base["metrics"][k]
+    assert base["metrics"]["n_questions"] == 3 and base["metrics"]["truth"] is None  # 15 questions: test = 3
+    assert z["apply"] == "iti" and s["apply"] == "all" and base["apply"] is None and base["edit"] is None
+    assert s["edit"]["method"] == "ipo" and s["edit_file"].endswith("strong.safetensors")
+    assert base["settings"]["generation"]["rule"] == evaluate.CUT_RULE and base["settings"]["text"]["n_documents"] == 3
+    r = rows(tmp_path / "results" / "baseline.jsonl")
+    assert [x["question"] for x in r] == [q["question"] for q in tqa.load_split(str(tmp_path / "tqa.csv"), 0, "test")]
+    assert base["metrics"]["mc2"] == pytest.approx(sum(x["mc2"] for x in r) / 3)
+    run(tmp_path, "--edit", str(tmp_path / "strong.safetensors"), "--apply", "iti", "--judges", "none",
+        "--out", str(tmp_path / "override.json"))
+    assert load(tmp_path / "override.json")["apply"] == "iti"
+
+
+def test_judge_path_with_a_tiny_stand_in_judge(tmp_path, monkeypatch):
+    run(tmp_path, "--judges", "none", "--out", str(tmp_path / "r.json"), "--skip", "text")
+    assert load(tmp_path / "r.json")["metrics"]["truth"] is None
+    stand_in = judge.load_judge("tiny-llama", "truth")
+    r = rows(tmp_path / "r.jsonl")
+    probs = stand_in.score([x["question"] for x in r], [x["answer"] for x in r])
+    threshold = sorted(probs)[1]  # the random judge's probabilities are tiny: put the threshold among them
+    monkeypatch.setattr(judge, "THRESHOLD", threshold)
+    run(tmp_path, "--judge-only", "--truth-judge", "tiny-llama", "--info-judge", "tiny-gpt2",
+        "--out", str(tmp_path / "r.json"), "--skip", "text")
+    result, r = load(tmp_path / "r.json"), rows(tmp_path / "r.jsonl")
+    for x, p in zip(r, probs):
+        assert 0 <= x["truth_p"] <= 1 and 0 <= x["info_p"] <= 1
+        assert x["truth_p"] == pytest.approx(p, abs=1e-6) and x["truth"] == float(x["truth_p"] >= threshold)
+    m = result["metrics"]
+    assert m["truth"] == pytest.approx(2 / 3) and m["info"] == sum(x["info"] for x in r) / 3
+    assert m["info_truth"] == pytest.approx(m["truth"] * m["info"])
+    assert result["judges"]["truth"]["judge"] == "tiny-llama" and result["judges"]["info"]["judge"] == "tiny-gpt2"
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path):
+    data = write_fixture_csv(tmp_path / "tqa.csv", n=25)  # test split: 5 questions, 3 chunks of 2
+    args = ["--judges", "default", "--truth-judge", "tiny-llama", "--info-judge", "tiny-llama", "--skip", "text"]
+    run(tmp_path, *args, "--out", str(tmp_path / "whole.json"), data=data)
+    whole = rows(tmp_path / "whole.jsonl")
+    # a kill after the first chunk, in the middle of writing the second
+    with open(tmp_path / "cut.jsonl", "w") as f:
+        f.write("".join(json.dumps({k: v for k, v in x.items() if not k.startswith(("truth", "info"))}) + "\n"
+                        for x in whole[:2]) + json.dumps(whole[2])[:40])
+    run(tmp_path, *args, "--out", str(tmp_path / "cut.json"), data=data)
+    assert rows(tmp_path / "cut.jsonl") == whole
+    assert load(tmp_path / "cut.json")["metrics"] == load(tmp_path / "whole.json")["metrics"]
+
+
+# ---- offline text, bad input
+
+def test_offline_self_text_is_recorded_and_cached(tmp_path):
+    argv = ["--text", "self", "--n-texts", "3", "--text-tokens", "12", "--judges", "none", "--skip", "mc,generation"]
+    run(tmp_path, *argv, "--out", str(tmp_path / "a.json"), text=False)
+    about = load(tmp_path / "a.json")["settings"]["text"]
+    assert about["source"] == "self" and os.path.isfile(about["cache"]) and len(load(about["cache"])) == 3
+    run(tmp_path, *argv, "--out", str(tmp_path / "b.json"), text=False)
+    assert load(tmp_path / "b.json")["metrics"]["ce"] == load(tmp_path / "a.json")["metrics"]["ce"] > 0
+
+
+def test_bad_input_stops_with_a_sentence_and_no_json(tmp_path):
+    other, _, _ = models.load_model("tiny-qwen3")
+    geo = heads.geometry(other)
+    edit = heads.Edit(geo, heads.heads_to_mask([(0, 0)], geo), offset=torch.zeros(3, 4, 24), meta={"apply": "iti"})
+    heads.save_edit(str(tmp_path / "qwen.safetensors"), edit)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    cases = [(["--edit", str(tmp_path / "qwen.safetensors")], "fitted on", None),
+             (["--split", "val"], "is empty", write_fixture_csv(tmp_path / "two.csv", n=2)),
+             (["--truth-judge", str(tmp_path / "no-such-judge")], "cannot load the truth judge.*--judges none", None),
+             (["--text", str(tmp_path / "empty.txt")], "holds no text", None),
+             (["--edit", "none", str(tmp_path / "qwen.safetensors")], "must be a folder", None),
+             (["--judge-only"], "first run without --judge-only", None)]
+    for i, (extra, message, data) in enumerate(cases):
+        skip = [] if "--text" in extra else ["--skip", "text"]
+        with pytest.raises(SystemExit, match=message):
+            run(tmp_path, *extra, *skip, "--out", str(tmp_path / f"out{i}.json"), data=data)
+        assert not (tmp_path / f"out{i}.json").exists()
+
+
+# ---- benchmark: python test_evaluate.py [n_questions]
+
+def benchmark(n_questions=20, model_name="tiny-llama"):
+    model, tokenizer, _ = models.load_model(model_name)
+    data = SHARED_CSV if os.path.isfile(SHARED_CSV) else write_fixture_csv("/tmp/evaluate_bench.csv", n=50)
+    questions = tqa.load_truthfulqa(data)[:n_questions]
+    timings = {}
+    for name, score in (("per-answer forward", plain_logprobs), ("batched, shared prefix", batched_logprobs)):
+        t0 = time.perf_counter()
+        for q in questions:
+            score(model, tokenizer, q)
+        timings[name] = time.perf_counter() - t0
+    n_answers = sum(len(q["correct"]) + len(q["incorrect"]) for q in questions)
+    for name, seconds in timings.items():
+        print(f"{name:24s} {seconds:7.2f} s for {len(questions)} questions ({n_answers} answers)")
+    print(f"speed-up {timings['per-answer forward'] / timings['batched, shared prefix']:.1f}x "
+          f"({model_name}, {torch.get_num_threads()} thread(s))")
+
+
+if __name__ == "__main__":
+    benchmark(*(int(a) if a.isdigit() else a for a in sys.argv[1:]))
