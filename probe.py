@@ -1,0 +1,332 @@
+"""probe.py - find the "truthful heads" the ITI way: a logistic-regression probe on every head's output.
+
+For every (question, answer) of the train and validation questions, one probe input
+`Q: {question} A: {answer} Q: {random other question}` (the paper's (x, y, x_random); --prompt-format plain gives
+ITI's own `Q: {question} A: {answer}`), labelled 1 for a correct answer and 0 for an incorrect one. One forward pass
+per padded batch records every head's output o_h^l at the input's last token. Then, for all L*H heads at once, an
+L2 logistic-regression probe (scikit-learn's LogisticRegression(C=1.0) reproduced as one batched Newton problem) is
+fit on train questions and scored on validation questions; heads are ranked by validation accuracy, ties by index.
+Per head it also computes three unit directions on the train+val activations (mass-mean shift mean(true)-mean(false),
+the probe weight vector, a seeded random Gaussian) and sigma = std(o . u) for each (never on test questions).
+
+The random other question is drawn uniformly from the other train+val questions in use (never a test question), one
+draw per probe input, by numpy's default_rng(--seed) after the (optional) --max-questions subsample.
+
+Reads:  --data TruthfulQA.csv, the model.
+Writes: OUT/activations.safetensors  head outputs [N, L, H, D] (float16), labels, question ids, split; a cache:
+                                     re-running with the same arguments reuses it, other arguments are refused
+        OUT/probe.safetensors        accuracy [L,H], direction_{mass_mean,probe,random} [L,H,D], sigma_* [L,H],
+                                     train_accuracy [L,H], probe_weight [L,H,D], probe_intercept [L,H]
+        OUT/probe.json               ranking (best first), geometry, model, fingerprint, seed, split sizes, run info
+
+    python probe.py --model smollm2-135m --data TruthfulQA.csv --seed 0 --out runs/smollm2/probe
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import heads
+import models
+import tqa
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+models.add_model_args(parser)
+tqa.add_data_args(parser)
+parser.add_argument("--out", required=True, help="run folder for the probe, e.g. runs/smollm2/probe")
+parser.add_argument("--prompt-format", default="random_question", choices=["random_question", "plain"],
+                    help="random_question: 'Q: q A: a Q: other q' (the paper); plain: 'Q: q A: a' (ITI's probe input)")
+parser.add_argument("--batch-size", type=int, default=32, help="probe inputs per forward pass")
+parser.add_argument("--max-questions", type=int, default=None,
+                    help="use a seeded subsample of this many train+val questions (3:1 train:val), for quick runs")
+parser.add_argument("--top", type=int, default=16, help="how many top heads to print")
+
+C = 1.0  # inverse L2 strength of scikit-learn's LogisticRegression default, which ITI used
+CACHE, PARTS = "activations.safetensors", "activations.partial"
+PART_SIZE = 256  # probe inputs per resumable part of the activation cache
+CHUNK_BYTES = 64 * 2 ** 20  # heads are fit in chunks of about this many bytes of float32 features
+
+
+# ---- The batched probe fit: L*H logistic regressions as one Newton problem
+
+def fit_probes(train_x, train_y, val_x, val_y, C=C, tol=1e-7, max_iter=50):
+    """L2 logistic regression per head, as scikit-learn's LogisticRegression(C=C) on raw features:
+    minimise C * sum_i logloss_i + 0.5 * ||w||^2 with an unpenalised intercept, by Newton's method with a backtracking
+    line search, all heads of a chunk at once; a head leaves the batch when its gradient (divided by C * n_train,
+    scikit-learn's scaling) is below `tol` in every coordinate.
+    train_x [n_train, G, D], val_x [n_val, G, D] (any float dtype), train_y [n_train], val_y [n_val] in {0, 1}.
+    Returns (val_accuracy [G], weights [G, D+1]: the D weights then the intercept)."""
+    n, G, D = train_x.shape
+    y = train_y.float()
+    reg = torch.ones(D + 1, dtype=torch.float64)
+    reg[-1] = 0  # the intercept is not penalised
+    chunk = max(1, CHUNK_BYTES // (n * (D + 1) * 4))
+    weights = torch.zeros(G, D + 1, dtype=torch.float64)
+    for g0 in range(0, G, chunk):
+        x = train_x[:, g0:g0 + chunk].transpose(0, 1).float()  # [g, n, D]
+        x = torch.cat([x, x.new_ones(x.shape[0], n, 1)], -1)  # [g, n, D+1]: a constant feature for the intercept
+        weights[g0:g0 + chunk] = _newton(x, y, reg, C, tol, max_iter)
+    w = weights.float()
+    val_logits = torch.einsum("ngd,gd->gn", val_x.float(), w[:, :D]) + w[:, D:]  # [G, n_val]
+    accuracy = ((val_logits > 0).float() == val_y.float()).float().mean(1)  # predict 1 when the logit is > 0, as sklearn
+    return accuracy, w
+
+
+def _objective(x, y, w, reg, C):
+    z = torch.bmm(x, w.float().unsqueeze(-1)).squeeze(-1)  # [g, n] logits
+    loss = C * (torch.nn.functional.softplus(z) - y * z).double().sum(1) + 0.5 * (reg * w * w).sum(1)
+    return loss, z
+
+
+def _newton(x, y, reg, C, tol, max_iter):
+    g, n, _ = x.shape
+    w = torch.zeros(g, x.shape[2], dtype=torch.float64)  # [g, D+1]
+    active = torch.arange(g)
+    for _ in range(max_iter):
+        xa, wa = x[active], w[active]
+        loss, z = _objective(xa, y, wa, reg, C)
+        p = torch.sigmoid(z)
+        grad = C * torch.bmm((p - y).unsqueeze(1), xa).squeeze(1).double() + reg * wa  # [g, D+1]
+        done = grad.abs().amax(1) <= tol * C * n
+        hessian = C * torch.bmm(xa.transpose(1, 2) * (p * (1 - p)).unsqueeze(1), xa).double() + torch.diag(reg)
+        hessian += 1e-10 * n * torch.eye(hessian.shape[-1], dtype=torch.float64)  # keeps a flat intercept solvable
+        step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)  # [g, D+1]
+        slope = (grad * step).sum(1)  # the Newton decrement squared: about twice the distance to the optimum
+        # Backtracking (Armijo) where the expected decrease is above float32 round-off in the loss; closer in, Newton's
+        # full step is safe and a loss comparison would only measure noise.
+        search = (slope > 1e-6 * loss.abs()) & ~done
+        t = torch.ones(len(active), dtype=torch.float64)
+        for _ in range(30):
+            if not search.any():
+                break
+            new_loss, _ = _objective(xa, y, wa - t[:, None] * step, reg, C)
+            search &= new_loss > loss - 1e-4 * t * slope
+            t = torch.where(search, t / 2, t)
+        w[active] = torch.where(done[:, None], wa, wa - t[:, None] * step)
+        active = active[~done]
+        if len(active) == 0:
+            break
+    return w
+
+
+def rank_heads(accuracy):
+    """[(layer, head), ...] best validation accuracy first, ties broken by index. accuracy [L, H]."""
+    order = sorted(range(accuracy.numel()), key=lambda i: (-float(accuracy.flatten()[i]), i))
+    return [list(divmod(i, accuracy.shape[1])) for i in order]
+
+
+# ---- Directions and their scale, on train+val activations
+
+def head_statistics(head_outputs, labels, probe_weight, seed):
+    """Unit directions [G, D] per head and sigma [G] = std(o . u) (population std, as ITI's np.std).
+    head_outputs [N, G, D] (train+val only), labels [N], probe_weight [G, D]."""
+    N, G, D = head_outputs.shape
+    directions = {"mass_mean": torch.zeros(G, D), "probe": probe_weight.float(),
+                  "random": torch.randn(G, D, generator=torch.Generator().manual_seed(seed))}
+    true, false = labels.bool(), ~labels.bool()
+    chunk = max(1, CHUNK_BYTES // (N * D * 4))
+    for g0 in range(0, G, chunk):
+        x = head_outputs[:, g0:g0 + chunk].float()  # [N, g, D]
+        directions["mass_mean"][g0:g0 + chunk] = x[true].mean(0) - x[false].mean(0)
+    directions = {k: u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k, u in directions.items()}
+    sigmas = {k: torch.zeros(G) for k in directions}
+    for g0 in range(0, G, chunk):
+        x = head_outputs[:, g0:g0 + chunk].float()
+        for k, u in directions.items():
+            sigmas[k][g0:g0 + chunk] = torch.einsum("ngd,gd->ng", x, u[g0:g0 + chunk]).std(0, unbiased=False)
+    return directions, sigmas
+
+
+# ---- Probe inputs and the activation cache
+
+def probe_examples(questions, seed, prompt_format, max_questions=None):
+    """(examples, sizes): one dict {text, label, question_id, split} per (train+val question, answer)."""
+    split = tqa.split_questions(questions, seed)
+    rng = np.random.default_rng(seed)
+    if max_questions is not None:
+        if max_questions < 2:
+            raise SystemExit(f"--max-questions {max_questions}: the probe needs at least 2 questions (1 train, 1 val)")
+        n_train = min(len(split["train"]), max(1, round(0.75 * max_questions)))
+        n_val = min(len(split["val"]), max(1, max_questions - n_train))
+        split = {"train": sorted(rng.permutation(split["train"])[:n_train].tolist()),
+                 "val": sorted(rng.permutation(split["val"])[:n_val].tolist())}
+    for name in ("train", "val"):
+        if not split[name]:
+            raise SystemExit(f"the {name} split of {len(questions)} questions is empty: pass a --data file with more "
+                             "questions (a 60/20/20 split needs at least 5)")
+    pool = split["train"] + split["val"]  # the random other question comes from here, never from the test split
+    examples = []
+    for name in ("train", "val"):
+        for qi in split[name]:
+            q = questions[qi]
+            for answer, label in [(a, 1) for a in q["correct"]] + [(a, 0) for a in q["incorrect"]]:
+                other = questions[pool[(pool.index(qi) + 1 + rng.integers(len(pool) - 1)) % len(pool)]]["question"]
+                text = (tqa.PROBE_TEMPLATE.format(question=q["question"], answer=answer, random_question=other)
+                        if prompt_format == "random_question" else
+                        tqa.PROBE_TEMPLATE_PLAIN.format(question=q["question"], answer=answer))
+                examples.append({"text": text, "label": label, "question_id": qi, "split": name})
+    sizes = {f"n_{name}_questions": len(split[name]) for name in ("train", "val")}
+    sizes.update({f"n_{name}_examples": sum(e["split"] == name for e in examples) for name in ("train", "val")})
+    return examples, sizes
+
+
+def check_labels(examples, questions):
+    """Refuse a split whose examples all carry one label: a probe cannot be fit (or scored) on one class."""
+    for name in ("train", "val"):
+        rows = [e for e in examples if e["split"] == name]
+        for label, kind in ((1, "correct"), (0, "incorrect")):
+            if all(e["label"] == label for e in rows):
+                ids = sorted({e["question_id"] for e in rows})
+                raise SystemExit(f"every {name} answer is {kind} (questions {', '.join(map(str, ids[:10]))}"
+                                 f"{' ...' if len(ids) > 10 else ''}): each question needs correct and incorrect "
+                                 "answers; use a TruthfulQA CSV or more --max-questions")
+
+
+def cache_key(args, examples):
+    """What the cached activations depend on: the model and every probe input (hashed)."""
+    digest = hashlib.sha256(json.dumps([(e["text"], e["label"]) for e in examples]).encode()).hexdigest()
+    return {"model": args.model, "dtype": args.dtype, "seed": args.seed, "prompt_format": args.prompt_format,
+            "max_questions": args.max_questions, "examples_sha256": digest}
+
+
+def check_key(found, wanted, where, out):
+    diff = [k for k in wanted if found.get(k) != wanted[k]]
+    if diff:
+        was = ", ".join(f"{k}={found.get(k)!r}" for k in diff if k != "examples_sha256")
+        now = ", ".join(f"{k}={wanted[k]!r}" for k in diff if k != "examples_sha256")
+        raise SystemExit(f"{where} holds activations made with other arguments ({was or 'other --data'}; this run: "
+                         f"{now or 'this --data'}): pass another --out, or delete {where} to recompute")
+
+
+def read_cache(out, key):
+    """The cached (head_outputs [N, L, H, D] float16, fingerprint), or None when there is no complete cache."""
+    from safetensors import safe_open
+    path = os.path.join(out, CACHE)
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(out, PARTS, "key.json")):
+            with open(os.path.join(out, PARTS, "key.json")) as f:
+                check_key(json.load(f), key, os.path.join(out, PARTS), out)
+        return None
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        check_key(json.loads(meta["key"]), key, path, out)
+        return f.get_tensor("head_outputs"), json.loads(meta["fingerprint"])
+
+
+def collect_head_outputs(model, tokenizer, texts, out, key, batch_size, device):
+    """o_h^l at each text's last token: [N, L, H, D] float16. Longest texts first (least padding, and an
+    out-of-memory batch shows at once); every PART_SIZE texts are saved, so a killed run resumes where it was."""
+    from safetensors.torch import load_file, save_file
+    parts = os.path.join(out, PARTS)
+    os.makedirs(parts, exist_ok=True)
+    models.write_json(os.path.join(parts, "key.json"), key)
+    tokenizer.padding_side = "right"
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    sorted_outputs = []
+    progress = tqdm(total=len(texts), desc="head outputs", unit="input")
+    for start in range(0, len(texts), PART_SIZE):
+        path = os.path.join(parts, f"part-{start:07d}.safetensors")
+        if not os.path.exists(path):
+            batches = []
+            for b in range(start, min(start + PART_SIZE, len(texts)), batch_size):
+                idx = order[b:min(b + batch_size, start + PART_SIZE)]
+                enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+                positions = heads.last_positions(enc["attention_mask"])
+                batches.append(heads.record_heads(model, positions, **enc).half().cpu())  # [batch, L, H, D]
+                progress.update(len(idx))
+            part = torch.cat(batches)
+            models.write_atomic(path, lambda tmp: save_file({"head_outputs": part}, tmp))
+        else:
+            part = load_file(path)["head_outputs"]
+            progress.update(len(part))
+        sorted_outputs.append(part)
+    progress.close()
+    head_outputs = torch.empty_like(torch.cat(sorted_outputs))
+    head_outputs[torch.tensor(order)] = torch.cat(sorted_outputs)
+    return head_outputs
+
+
+def write_cache(out, key, head_outputs, examples, fingerprint):
+    from safetensors.torch import save_file
+    tensors = {"head_outputs": head_outputs.contiguous(),  # [N, L, H, D] float16
+               "labels": torch.tensor([e["label"] for e in examples]),  # [N] 1 correct, 0 incorrect
+               "question_ids": torch.tensor([e["question_id"] for e in examples]),  # [N] row in the question list
+               "is_val": torch.tensor([e["split"] == "val" for e in examples], dtype=torch.uint8)}  # [N]
+    meta = {"key": json.dumps(key), "fingerprint": json.dumps(fingerprint)}
+    models.write_atomic(os.path.join(out, CACHE), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    shutil.rmtree(os.path.join(out, PARTS), ignore_errors=True)
+
+
+# ---- Report
+
+def print_summary(accuracy, ranking, top):
+    flat = accuracy.flatten()
+    print(f"validation accuracy over {flat.numel()} heads: best {flat.max():.3f}, median {flat.median():.3f}, "
+          f"mean {flat.mean():.3f}")
+    print(f"top {top} heads (layer.head: validation accuracy):")
+    print("  " + "  ".join(f"{l}.{h}:{accuracy[l, h]:.3f}" for l, h in ranking[:top]))
+    counts = np.bincount([l for l, _ in ranking[:top]], minlength=accuracy.shape[0])
+    print(f"layers of the top {top} heads:")
+    for layer, n in enumerate(counts):
+        if n:
+            print(f"  layer {layer:3d} {'#' * n} {n}")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: must be at least 1")
+    questions = tqa.load_truthfulqa(args.data)
+    examples, sizes = probe_examples(questions, args.seed, args.prompt_format, args.max_questions)
+    check_labels(examples, questions)
+    key = cache_key(args, examples)
+    cached = read_cache(args.out, key)
+    if cached is not None:
+        print(f"reusing the head outputs cached in {os.path.join(args.out, CACHE)}")
+        head_outputs, fingerprint = cached
+    else:
+        model, tokenizer, _ = models.load_model(args.model, args.dtype, args.device)
+        device = heads.out_projections(model)[0].weight.device
+        head_outputs = collect_head_outputs(model, tokenizer, [e["text"] for e in examples], args.out, key,
+                                            args.batch_size, device)
+        fingerprint = heads.fingerprint(model)
+        write_cache(args.out, key, head_outputs, examples, fingerprint)
+    N, L, H, D = head_outputs.shape
+    geo = heads.Geometry(L, H, D)
+    x = head_outputs.view(N, L * H, D)  # [N, G, D]
+    labels = torch.tensor([e["label"] for e in examples])  # [N]
+    is_val = torch.tensor([e["split"] == "val" for e in examples])  # [N]
+    print(f"fitting {L * H} probes ({geo}) on {sizes['n_train_examples']} train inputs "
+          f"({sizes['n_train_questions']} questions), scoring on {sizes['n_val_examples']} validation inputs")
+    accuracy, weights = fit_probes(x[~is_val], labels[~is_val], x[is_val], labels[is_val])
+    train_logits = torch.einsum("ngd,gd->gn", x[~is_val].float(), weights[:, :D]) + weights[:, D:]  # [G, n_train]
+    train_accuracy = ((train_logits > 0).float() == labels[~is_val].float()).float().mean(1)
+    directions, sigmas = head_statistics(x, labels, weights[:, :D], args.seed)
+    accuracy = accuracy.view(L, H)
+    ranking = rank_heads(accuracy)
+
+    tensors = {"accuracy": accuracy, "train_accuracy": train_accuracy.view(L, H),
+               "probe_weight": weights[:, :D].reshape(L, H, D).contiguous(),
+               "probe_intercept": weights[:, D].reshape(L, H).contiguous()}
+    tensors.update({f"direction_{k}": u.view(L, H, D) for k, u in directions.items()})
+    tensors.update({f"sigma_{k}": s.view(L, H) for k, s in sigmas.items()})
+    from safetensors.torch import save_file
+    models.write_atomic(os.path.join(args.out, "probe.safetensors"), lambda tmp: save_file(tensors, tmp))
+    models.write_json(os.path.join(args.out, "probe.json"), {
+        "geometry": vars(geo), "ranking": ranking, "model": args.model, "fingerprint": fingerprint,
+        "seed": args.seed, "prompt_format": args.prompt_format, **sizes,
+        "best_accuracy": float(accuracy.max()), "median_accuracy": float(accuracy.median()),
+        "probe": f"LogisticRegression(C={C}) per head (batched Newton), fit on train, accuracy on validation",
+        "sigma": "population std of o . u over train+val probe inputs", "run": models.run_info(args)})
+    print_summary(accuracy, ranking, args.top)
+    print(f"wrote {os.path.join(args.out, 'probe.json')} and probe.safetensors")
+
+
+if __name__ == "__main__":
+    main()
