@@ -47,8 +47,8 @@ parser.add_argument("--batch-size", type=int, default=8, help="questions per gen
 parser.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length limit")
 parser.add_argument("--judges", default="default", choices=["default", "none"],
                     help="none: skip Truth and Info (judge later with --judge-only)")
-parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"], help="causal LM id or folder: the truth judge")
-parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"], help="causal LM id or folder: the info judge")
+parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"], help="truth judge: a judge.py file or a causal LM id/folder")
+parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"], help="info judge: a judge.py file or a causal LM id/folder")
 parser.add_argument("--judge-device", default=None, help="device of the judges (default: --device)")
 parser.add_argument("--judge-only", action="store_true",
                     help="only judge saved generations: an earlier run (e.g. with --judges none) wrote NAME.json")
@@ -193,8 +193,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
             token = torch.where(ended, tokenizer.pad_token_id, token)
             tokens.append(token)
             ended |= token == tokenizer.eos_token_id
-            texts = tokenizer.batch_decode(torch.stack(tokens, 1), skip_special_tokens=True)
-            if ended.all() or stop and all("\n" in t or "Q:" in t for t in texts):
+            if ended.all() or stop and all("\n" in t or "Q:" in t for t in tokenizer.batch_decode(
+                    torch.stack(tokens, 1), skip_special_tokens=True)):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             positions = positions[:, -1:] + 1
@@ -204,29 +204,30 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
 
 # ---- CE and KL on unrelated text
 
+def hub_documents(name):
+    """The 'text' column of a hub dataset's train split, or the exception that stopped it (offline)."""
+    try:
+        from datasets import load_dataset
+        return list(load_dataset(name, split="train")["text"])
+    except Exception as e:
+        return e
+
+
 def load_texts(args, model, tokenizer, model_about):
     """(documents, about): --n-texts documents (seeded choice) and where they came from."""
-    source = args.text
+    source, docs = args.text, None
     if source == "auto":
-        try:
-            from datasets import load_dataset
-            docs, source = list(load_dataset(HUB_TEXT, split="train")["text"]), HUB_TEXT
-        except Exception as e:  # offline: the documented fallback, recorded in the results
-            print(f"cannot reach {HUB_TEXT} ({type(e).__name__}): using text the model samples itself (--text self)")
+        source, docs = HUB_TEXT, hub_documents(HUB_TEXT)
+        if isinstance(docs, Exception):  # offline: the documented fallback, recorded in the results
+            print(f"cannot reach {HUB_TEXT} ({type(docs).__name__}): using text the model samples itself (--text self)")
             source = "self"
     elif source != "self" and os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
-            if source.endswith(".jsonl"):
-                docs = [json.loads(line)["text"] for line in f if line.strip()]
-            else:
-                docs = re.split(r"\n\s*\n", f.read())
-    elif source != "self":
-        try:
-            from datasets import load_dataset
-            docs = list(load_dataset(source, split="train")["text"])
-        except Exception as e:
-            raise SystemExit(f"--text {source}: not a local file and not loadable from the hub ({type(e).__name__}); "
-                             "pass a local .txt/.jsonl, or --text self for text the model samples itself") from None
+            docs = [json.loads(line)["text"] for line in f if line.strip()] if source.endswith(".jsonl") else \
+                re.split(r"\n\s*\n", f.read())
+    elif source != "self" and isinstance(docs := hub_documents(source), Exception):
+        raise SystemExit(f"--text {source}: not a local file and not loadable from the hub ({type(docs).__name__}); "
+                         "pass a local .txt/.jsonl, or --text self for text the model samples itself")
     if source == "self":
         return self_texts(args, model, tokenizer, model_about)
     docs = [d.strip() for d in docs if d.strip()]
@@ -389,6 +390,17 @@ def write_result(t, questions, text_scores, judges_about, settings, args):
     print(f"{t['json']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(rows, text_scores).items() if v is not None))
 
 
+def finished(t, settings, use_judges):
+    """True when an earlier run with these settings already wrote this edit's results (and judged, if asked)."""
+    if not os.path.isfile(t["json"]):
+        return False
+    with open(t["json"]) as f:
+        result = json.load(f)
+    done = result["settings"] == dict(settings, rows_key=t["key"]) and (result["judges"] is not None or not use_judges)
+    print(f"{t['json']}: already done, skipped" if done else f"{t['json']}: made with other settings, redone")
+    return done
+
+
 def judge_only(args, targets, questions):
     """Judge the generations an earlier run saved, and add Truth, Info and Info*Truth to its results."""
     for t in targets:
@@ -437,6 +449,9 @@ def main(argv=None):
         docs, settings["text"] = load_texts(args, model, tokenizer, model_about)
         settings["text"].update(max_tokens=args.text_tokens, apply="every token", kl="KL(original || edited), "
                                 "mean over the tokens that predict a next token")
+    targets = [t for t in targets if not finished(t, settings, use_judges)]
+    if not targets:
+        return
     score_questions(model, tokenizer, questions, targets, args, skip)
     text_scores = [None] * len(targets)
     if "text" not in skip:
@@ -444,6 +459,7 @@ def main(argv=None):
     abouts = None
     if use_judges:
         del model  # the judges may need the memory
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
         abouts = judge_rows(targets, args)
     for t, text in zip(targets, text_scores):
         write_result(t, questions, text, abouts, settings, args)

@@ -215,7 +215,7 @@ def test_judge_path_with_a_tiny_stand_in_judge(tmp_path, monkeypatch):
     assert result["judges"]["truth"]["judge"] == "tiny-llama" and result["judges"]["info"]["judge"] == "tiny-gpt2"
 
 
-def test_killed_run_resumes_to_the_same_results(tmp_path):
+def test_killed_run_resumes_to_the_same_results(tmp_path, capsys):
     data = write_fixture_csv(tmp_path / "tqa.csv", n=25)  # test split: 5 questions, 3 chunks of 2
     args = ["--judges", "default", "--truth-judge", "tiny-llama", "--info-judge", "tiny-llama", "--skip", "text"]
     run(tmp_path, *args, "--out", str(tmp_path / "whole.json"), data=data)
@@ -227,6 +227,9 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     run(tmp_path, *args, "--out", str(tmp_path / "cut.json"), data=data)
     assert rows(tmp_path / "cut.jsonl") == whole
     assert load(tmp_path / "cut.json")["metrics"] == load(tmp_path / "whole.json")["metrics"]
+    capsys.readouterr()
+    run(tmp_path, *args, "--out", str(tmp_path / "cut.json"), data=data)  # all done: nothing is recomputed
+    assert "already done, skipped" in capsys.readouterr().out
 
 
 # ---- offline text, bad input
