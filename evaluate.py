@@ -355,7 +355,7 @@ def judge_rows(targets, args):
     """Truth and Info for every row lacking them (or judged by another judge); rows rewritten after each batch."""
     abouts = {}
     for kind, spec in (("truth", args.truth_judge), ("info", args.info_judge)):
-        pending = [(t, r) for t in targets for r in t["rows"].values() if r.get(f"{kind}_judge", {}).get("judge") != spec]
+        pending = [(t, r) for t in targets for r in t["rows"].values() if r.get(f"{kind}_spec") != spec]
         if not pending:
             abouts[kind] = next(iter(targets[0]["rows"].values()))[f"{kind}_judge"]
             continue
@@ -365,7 +365,8 @@ def judge_rows(targets, args):
             part = pending[i:i + 64]
             probs = scorer.score([r["question"] for _, r in part], [r["answer"] for _, r in part])
             for (_, row), p in zip(part, probs):
-                row.update({f"{kind}_p": p, kind: float(p >= judge.THRESHOLD), f"{kind}_judge": scorer.about})
+                row.update({f"{kind}_p": p, kind: float(p >= judge.THRESHOLD), f"{kind}_spec": spec,
+                            f"{kind}_judge": scorer.about})
             for t in {id(t): t for t, _ in part}.values():
                 rewrite_rows(t["jsonl"], list(t["rows"].values()))
         del scorer
