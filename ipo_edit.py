@@ -62,6 +62,8 @@ def build_parser():
     p.add_argument("--max-val-pairs", type=int, default=256, help="validate on a seeded subsample (0: no validation)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="pairs per batch for reference and validation passes")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (7B on one GPU)")
+    p.add_argument("--no-shared-prefix", action="store_true", help="run every row's whole prompt instead of the prompt "
+                   "start common to the batch once (slower, same numbers; implied by --grad-checkpointing)")
     p.add_argument("--cache-dir", default=None, help="where the reference log-probs are cached (default: cache/ in "
                    "the folder of --out)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -105,29 +107,54 @@ def encode_pairs(tokenizer, pairs, instruction):
     return [(prompt_ids(p["question"]), answer_ids(p["chosen"]), answer_ids(p["rejected"])) for p in pairs]
 
 
-def collate(encoded, pad_id, device):
-    """2B rows (the B chosen answers, then the B rejected ones): prompt left-padded to P, answer right-padded to A,
-    so every answer starts at column P and the logits of the last A+1 positions are all the loss needs."""
-    rows = [(p, c) for p, c, _ in encoded] + [(p, r) for p, _, r in encoded]
+def shared_prefix_length(prompts):
+    """Tokens every prompt of the batch starts with (the instruction and QA primer), keeping at least one token of
+    each prompt after them, so the first answer token is always predicted by the second forward."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return max(n, 0)
+
+
+def collate(encoded, pad_id, device, share_prefix=True):
+    """2B rows (the B chosen answers, then the B rejected ones) as [shared prefix | prompt rest | answer]: the prefix
+    common to all prompts once (batch 1, its KV cache reused by every row), the rest of each prompt left-padded to P,
+    the answer right-padded to A, so every answer starts at column P and the loss needs only the last A+1 logits.
+    share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing)."""
+    S = shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
+    rows = [(p[S:], c) for p, c, _ in encoded] + [(p[S:], r) for p, _, r in encoded]
     P, A = max(len(p) for p, _ in rows), max(len(y) for _, y in rows)
     ids = torch.full((len(rows), P + A), pad_id, dtype=torch.long)  # [2B, P+A]
     mask = torch.zeros_like(ids)
     for i, (p, y) in enumerate(rows):
         ids[i, P - len(p):P + len(y)] = torch.tensor(p + y)
         mask[i, P - len(p):P + len(y)] = 1
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
-            "targets": ids[:, P:].to(device), "answer_mask": mask[:, P:].to(device)}  # targets: [2B, A]
+    position_ids = S + (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    if S:
+        mask = torch.cat([torch.ones(len(rows), S, dtype=mask.dtype), mask], 1)  # [2B, S+P+A]: the prefix is seen
+    return {"prefix": torch.tensor([encoded[0][0][:S]], device=device) if S else None,  # [1, S]
+            "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
+            "targets": ids[:, P:].to(device), "answer_mask": mask[:, S + P:].to(device)}  # targets: [2B, A]
 
 
 def answer_logps(model, batch, logp):
-    """log pi(y|x) of every row [2B]: sum or mean of the answer tokens' log-probs."""
-    A = batch["targets"].shape[1]
+    """log pi(y|x) of every row [2B]: sum or mean of the answer tokens' log-probs. The shared prefix runs once and
+    its KV cache, expanded to the 2B rows, stays in the graph: the edit acts on it and the gradient flows through it."""
+    A, cache = batch["targets"].shape[1], None
+    if batch["prefix"] is not None:
+        cache = model(input_ids=batch["prefix"], use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(batch["input_ids"].shape[0])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=A + 1, use_cache=False).logits[:, :A]  # [2B, A, V]
+                   position_ids=batch["position_ids"], cache=cache, use_cache=cache is not None,
+                   logits_to_keep=A + 1).logits[:, :A]  # [2B, A, V]
     token_logps = logits.float().log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)  # [2B, A]
     total = (token_logps * batch["answer_mask"]).sum(1)
     return total if logp == "sum" else total / batch["answer_mask"].sum(1)
+
+
+def shares_prefix(args):
+    return not (args.no_shared_prefix or args.grad_checkpointing)  # transformers turns the cache off when checkpointing
 
 
 def batches(encoded, batch_size, order=None):
@@ -156,7 +183,7 @@ def reference_logps(model, encoded, pad_id, args, key, cache_dir, what):
     device = heads.out_projections(model)[0].weight.device
     chosen, rejected = [], []
     for idx in tqdm(list(batches(encoded, args.eval_batch_size)), desc=f"reference log-probs ({what})"):
-        lp = answer_logps(model, collate([encoded[i] for i in idx], pad_id, device), args.logp).cpu()
+        lp = answer_logps(model, collate([encoded[i] for i in idx], pad_id, device, shares_prefix(args)), args.logp).cpu()
         chosen.append(lp[:len(idx)])
         rejected.append(lp[len(idx):])
     ref = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
@@ -196,7 +223,7 @@ def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimize
         loss, h = pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp)
         loss = loss.mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(float(loss))
+            raise FloatingPointError(loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
     optimizer.step()
@@ -210,7 +237,7 @@ def validate(model, edit, encoded, ref, pad_id, tau, args, device):
     losses, margins = [], []
     for idx in batches(encoded, args.eval_batch_size):
         with heads.edited(model, edit):
-            loss, h = pair_losses(model, collate([encoded[i] for i in idx], pad_id, device),
+            loss, h = pair_losses(model, collate([encoded[i] for i in idx], pad_id, device, shares_prefix(args)),
                                   ref[0][idx].to(device), ref[1][idx].to(device), tau, args.logp)
         losses.append(loss.cpu())
         margins.append(h.cpu())
@@ -247,7 +274,7 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
         order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         losses, margins = [], []
         for idx in batches(train_enc, args.batch_size, order):
-            batch = collate([train_enc[i] for i in idx], pad_id, device)
+            batch = collate([train_enc[i] for i in idx], pad_id, device, shares_prefix(args))
             try:
                 loss, margin = train_step(model, edit, batch, train_ref[0][idx].to(device), train_ref[1][idx].to(device),
                                           tau, args.logp, optimizer, scheduler)
@@ -272,40 +299,45 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
 
 
 def bench(model, edit, train_enc, pad_id, args, device):
-    """Seconds per training step vs one forward+backward of the frozen model (grad reaching the input embeddings:
-    a full backward of activations, no weight grads) on the same batches."""
+    """Median seconds per training step (shared prefix, and whole prompts) vs one forward+backward of the frozen model
+    on the same whole-prompt batch (the gradient reaching the input embeddings: a full backward, no weight grads)."""
     optimizer = torch.optim.AdamW(edit.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    batch_list = [collate([train_enc[i] for i in idx], pad_id, device)
-                  for idx in list(batches(train_enc, args.batch_size))[:args.bench + 1]]
+    groups = [[train_enc[i] for i in idx] for idx in list(batches(train_enc, args.batch_size))[:args.bench + 1]]
     zeros = torch.zeros(args.batch_size, device=device)
 
-    def frozen(batch):
+    def frozen(pairs):
+        batch = collate(pairs, pad_id, device, share_prefix=False)
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
         A = batch["targets"].shape[1]
         logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                        logits_to_keep=A + 1, use_cache=False).logits[:, :A]
-        token_logps = logits.float().log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1))
-        token_logps.sum().backward()
+        logits.float().log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).sum().backward()
 
-    def step(batch):
-        B = batch["input_ids"].shape[0] // 2
-        train_step(model, edit, batch, zeros[:B], zeros[:B], 0.3, args.logp, optimizer, scheduler)
+    def step(share):
+        def run(pairs):
+            batch = collate(pairs, pad_id, device, share)
+            train_step(model, edit, batch, zeros[:len(pairs)], zeros[:len(pairs)], 0.3, args.logp, optimizer, scheduler)
+        return run
 
-    def sync():
-        if torch.cuda.is_available() and device.type == "cuda":
+    def timed(fn, pairs):
+        if device.type == "cuda":
             torch.cuda.synchronize()
-    timings = {}
-    for name, fn in [("frozen_fwd_bwd", frozen), ("ipo_step", step), ("frozen_fwd_bwd_again", frozen)]:
-        fn(batch_list[0])  # warm-up
-        sync()
         start = time.perf_counter()
-        for batch in batch_list[1:]:
-            fn(batch)
-        sync()
-        timings[name] = (time.perf_counter() - start) / (len(batch_list) - 1)
-    frozen_s = min(timings["frozen_fwd_bwd"], timings["frozen_fwd_bwd_again"])
-    return {"seconds_per_step": timings, "ratio": timings["ipo_step"] / frozen_s, "steps": len(batch_list) - 1,
+        fn(pairs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    runs = {"frozen_fwd_bwd": frozen, "ipo_step_whole_prompts": step(False), "ipo_step_shared_prefix": step(True)}
+    times = {name: [] for name in runs}
+    for i, pairs in enumerate(groups):  # interleaved, so a busy machine slows all three alike; the first is warm-up
+        for name, fn in runs.items():
+            t = timed(fn, pairs)
+            if i:
+                times[name].append(t)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {"seconds_per_step": median, "ratio_whole_prompts": median["ipo_step_whole_prompts"] / median["frozen_fwd_bwd"],
+            "ratio_shared_prefix": median["ipo_step_shared_prefix"] / median["frozen_fwd_bwd"], "steps": len(groups) - 1,
             "threads": torch.get_num_threads(), "device": str(device), "batch_size": args.batch_size,
             "heads": args.heads, "param": args.param, "model": args.model}
 

@@ -58,10 +58,11 @@ def test_default_learning_rates_follow_the_paper():
 
 # ---- Log-probs of the answers, in one padded batch
 
-def test_batched_answer_logps_equal_each_pair_alone(llama):
+@pytest.mark.parametrize("share", [True, False])
+def test_batched_answer_logps_equal_each_pair_alone(llama, share):
     model, tok, _ = llama
     _, encoded = pairs_batch(tok, n=3)
-    batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu")
+    batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu", share_prefix=share)
     assert batch["input_ids"].shape[0] == 6  # chosen and rejected of 3 pairs: one batch
     with torch.no_grad():
         summed = ipo_edit.answer_logps(model, batch, "sum")
@@ -74,6 +75,36 @@ def test_batched_answer_logps_equal_each_pair_alone(llama):
         alone = logp[len(p) - 1:].gather(1, ids[0, len(p):, None]).sum()
         torch.testing.assert_close(summed[i], alone, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(mean[i], alone / len(y), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-gemma3"])
+def test_shared_prefix_gives_the_same_logps_and_gradient(name):
+    """The prompt start common to the batch runs once, its KV cache in the graph: same numbers as whole prompts."""
+    model, tok, _ = models.load_model(name)
+    geo = heads.geometry(model)
+    _, encoded = pairs_batch(tok, n=3, instruction="default")
+    edit = ipo_edit.make_edit(geo, [(0, 1), (1, 2), (2, 0)], "lora1", 0, "cpu")
+    with torch.no_grad():
+        edit.b.normal_(generator=torch.Generator().manual_seed(3))
+    results = []
+    for share in (True, False):
+        batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu", share_prefix=share)
+        assert (batch["prefix"] is not None) == share
+        edit.zero_grad()
+        with heads.edited(model, edit):
+            logps = ipo_edit.answer_logps(model, batch, "sum")
+            logps.sum().backward()
+        results.append((logps.detach(), edit.a.grad.clone(), edit.b.grad.clone()))
+    shared_len = len(ipo_edit.collate(encoded, tok.pad_token_id, "cpu")["prefix"][0])
+    assert shared_len > len(tok(tqa.INSTRUCTIONS["default"])["input_ids"])  # the instruction and the primer
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_keeps_a_token_of_every_prompt():
+    assert ipo_edit.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert ipo_edit.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # same question: the last prompt token stays
+    assert ipo_edit.shared_prefix_length([[7, 2], [1, 2]]) == 0
 
 
 def test_answers_are_tokenized_apart_and_appended(llama):
@@ -153,9 +184,9 @@ def test_masked_rank1_edit_equals_a_rank1_lora_on_o_proj(llama):
 def test_grad_checkpointing_gives_the_same_gradient(llama):
     _, tok, _ = llama
     _, encoded = pairs_batch(tok)
-    batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu")
     grads = []
     for checkpointing in (False, True):
+        batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu", share_prefix=not checkpointing)
         model, _, _ = models.load_model("tiny-llama")
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
