@@ -37,25 +37,25 @@ parser.add_argument("--edit", nargs="*", default=["none"],
 parser.add_argument("--out", required=True,
                     help="NAME.json for one edit (NAME.jsonl beside it); a folder for several (one NAME per edit stem)")
 parser.add_argument("--split", default="test", help="questions to score: train, val, test, all, or a sum (train+val)")
-parser.add_argument("--max-questions", type=int, default=None, help="a seeded (--seed) subset of the split, for quick runs")
+parser.add_argument("--max-questions", type=int, default=None, help="a seeded subset of the split (quick runs)")
 parser.add_argument("--instruction", default="default", choices=list(tqa.INSTRUCTIONS),
                     help="ITI's instruction sentence before the QA primer (default), the informative variant, or none")
 parser.add_argument("--apply", default=None, choices=list(heads.APPLY),
-                    help="override where edits apply: iti (ITI's positions) or all (every token); default: the edit file's")
+                    help="where edits apply: iti (ITI's positions) or all (every token); default: the edit file's")
 parser.add_argument("--skip", default="", help="comma list of stages to leave out: mc, generation, text")
 parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (and per resume step)")
 parser.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length limit")
 parser.add_argument("--judges", default="default", choices=["default", "none"],
                     help="none: skip Truth and Info (judge later with --judge-only)")
-parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"], help="truth judge: a judge.py file or a causal LM id/folder")
-parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"], help="info judge: a judge.py file or a causal LM id/folder")
+parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"], help="judge.py file or causal LM")
+parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"], help="judge.py file or causal LM")
 parser.add_argument("--judge-device", default=None, help="device of the judges (default: --device)")
 parser.add_argument("--judge-only", action="store_true",
                     help="only judge saved generations: an earlier run (e.g. with --judges none) wrote NAME.json")
 parser.add_argument("--text", default="auto",
                     help=f"CE/KL text: a hub dataset id, a local .txt (documents split by blank lines) or .jsonl "
                          f"({{\"text\": ...}} per line), `self` (text the unedited model samples from neutral prompts, "
-                         f"cached per model), or auto: {'stas/openwebtext-10k'}, else `self` when the hub is unreachable")
+                         "cached per model), or auto: stas/openwebtext-10k, else `self` when the hub is unreachable")
 parser.add_argument("--n-texts", type=int, default=100, help="documents for CE/KL (seeded choice)")
 parser.add_argument("--text-tokens", type=int, default=128, help="first tokens of each document used for CE/KL")
 parser.add_argument("--text-batch-size", type=int, default=4, help="documents per CE/KL forward")
@@ -89,7 +89,7 @@ def plan_outputs(args):
         raise SystemExit("--edit names a file twice (or nothing): give each edit file once (`none` = baseline)")
     several = len(args.edit) > 1
     if several and args.out.endswith(".json"):
-        raise SystemExit(f"--out {args.out}: with {len(args.edit)} edits --out must be a folder (one NAME.json per edit)")
+        raise SystemExit(f"--out {args.out}: with {len(args.edit)} edits --out must be a folder (a NAME.json per edit)")
     targets = []
     for path in args.edit:
         name = "baseline" if path == "none" else os.path.splitext(os.path.basename(path))[0]
@@ -123,7 +123,8 @@ def encode_question(tokenizer, question, instruction):
     correct = question["correct"] + ([question["best"]] if question["best"] not in question["correct"] else [])
     answers = correct + question["incorrect"]
     prompt_ids = tokenizer(tqa.qa_prompt(question["question"], instruction), return_tensors="pt")["input_ids"]
-    answer_ids = [tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"] for a in answers]
+    answer_ids = [tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"]
+                  for a in answers]
     return prompt_ids, answer_ids, len(correct), correct.index(question["best"])
 
 
@@ -131,7 +132,7 @@ def encode_question(tokenizer, question, instruction):
 def run_prefix(model, prompt_ids, edit=None):
     """The prompt, once: (its KV cache, log-probs of the first answer token [vocab])."""
     with edit_context(model, edit, None):
-        out = model(prompt_ids.to(model.device), use_cache=True)
+        out = model(prompt_ids.to(model.device), use_cache=True, logits_to_keep=1)  # lm_head on the last token only
     return out.cache, out.logits[0, -1].float().log_softmax(-1)
 
 
@@ -160,7 +161,8 @@ def answer_logprobs(model, prompt_ids, answer_ids, edit=None, apply="iti", share
     start = None if edited_prefix or edit is None else torch.zeros(n, dtype=torch.long)  # every token of this call
     with edit_context(model, edit, start):
         logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
-    logprobs = torch.cat([first_logprobs.expand(n, 1, -1), logits[:, :-1].float().log_softmax(-1)], 1)  # [n, longest, V]
+    # [n, longest, vocab]: the first answer token's log-prob comes from the prompt's last position
+    logprobs = torch.cat([first_logprobs.expand(n, 1, -1), logits[:, :-1].float().log_softmax(-1)], 1)
     return (logprobs.gather(2, ids[..., None])[..., 0] * real).sum(1).tolist()
 
 
@@ -183,7 +185,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
     start = None if edit is None else heads.edit_start(apply, "generate", torch.full((batch,), seq - 1))
     tokens, ended = [], torch.zeros(batch, dtype=torch.bool, device=model.device)
     with edit_context(model, edit, start):
-        out = model(enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # [batch, vocab]
             if generator is None:
@@ -386,7 +388,8 @@ def metrics(rows, text_scores):
 def write_result(t, questions, text_scores, judges_about, settings, args):
     rows = [t["rows"][q["question"]] for q in questions]
     models.write_json(t["json"], {"metrics": metrics(rows, text_scores), "edit": t["meta"], "edit_file": t["edit_file"],
-                                  "apply": t["apply"], "settings": dict(settings, rows_key=t["key"]), "judges": judges_about,
+                                  "apply": t["apply"], "settings": dict(settings, rows_key=t["key"]),
+                                  "judges": judges_about,
                                   "run": models.run_info(args)})
     print(f"{t['json']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(rows, text_scores).items() if v is not None))
 
@@ -406,7 +409,8 @@ def judge_only(args, targets, questions):
     """Judge the generations an earlier run saved, and add Truth, Info and Info*Truth to its results."""
     for t in targets:
         if not os.path.isfile(t["json"]):
-            raise SystemExit(f"--judge-only: {t['json']} is missing; first run without --judge-only (e.g. --judges none)")
+            raise SystemExit(f"--judge-only: {t['json']} is missing; first run without --judge-only "
+                             "(e.g. with --judges none)")
         with open(t["json"]) as f:
             t["result"] = json.load(f)
         t["rows"] = read_rows(t["jsonl"], t["result"]["settings"]["rows_key"])
@@ -437,13 +441,14 @@ def main(argv=None):
     model, tokenizer, model_about = models.load_model(args.model, args.dtype, args.device)
     settings = {"model": model_about, "data": args.data, "split": args.split, "seed": args.seed,
                 "max_questions": args.max_questions, "questions": len(questions), "instruction": args.instruction,
-                "mc": "summed answer-token log-probs of ' ' + closed answer after tqa.qa_prompt; prompt KV cache shared",
+                "mc": "summed log-probs of the tokens of ' ' + closed answer after tqa.qa_prompt",
                 "generation": {"max_new_tokens": args.max_new_tokens, "prompt_end": PROMPT_END, "rule": CUT_RULE,
                                "batch_size": args.batch_size}, "skip": sorted(skip)}
     for t in targets:
         edit = None if t["edit_file"] is None else heads.load_edit(t["edit_file"], model)
         meta = None if edit is None else edit.meta
-        apply = None if edit is None else args.apply or meta.get("apply") or ("iti" if meta.get("method") == "iti" else "all")
+        apply = None if edit is None else (args.apply or meta.get("apply")
+                                           or ("iti" if meta.get("method") == "iti" else "all"))
         key = hashlib.sha1(json.dumps([settings, meta, apply], sort_keys=True).encode()).hexdigest()[:16]
         t.update(edit=edit, meta=meta, apply=apply, key=key, rows=read_rows(t["jsonl"], key))
     if "text" not in skip:  # before the long part: a bad --text stops the run here, not after the questions
