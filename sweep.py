@@ -1,0 +1,251 @@
+"""sweep.py - the paper's experiment in one command: probe -> ITI -> IPO -> evaluate -> figures -> localization report.
+
+Runs the stage scripts, each step printed as the exact command a user could run alone:
+  1. probe.py        probe every head; the claimed set is top:K by default (--claimed: any head spec)
+  2. iti.py          ITI at the claimed heads and at N random K-head sets (random:K:0 ... random:K:N-1), over --alphas
+  3. ipo_edit.py     IPO at the claimed heads, at the first --n-random-ipo of those random sets, at M random single heads
+                     (drawn once from the probe's geometry with --seed) and at all heads, over --taus
+  4. evaluate.py     the unedited baseline and every edit, on the test questions
+  5. plot.py         the figures and the report (RUN/figures, RUN/report.md)
+A unit of work is one head set: its edits fitted over the grid, then evaluated. Units whose results exist are skipped,
+so a killed sweep resumes; `--shard I/N` runs every N-th unit from the I-th, so N machines share a sweep (run the
+probe first: every shard reads it), and a final plain run gathers them and draws. Each finished unit's wall time goes
+to RUN/sweep_times.jsonl, from which the time left is estimated.
+
+Defaults: the paper's sizes when a GPU is present (K=16, N=16 random sets, M=24 single heads, tau 0.1...0.5); on a CPU,
+course sizes for SmolLM2-135M. Every size is a flag.
+
+Reads:  --data TruthfulQA.csv, the model.      Writes: RUN/probe, RUN/edits, RUN/results, RUN/figures, RUN/report.md.
+
+    python sweep.py --data TruthfulQA.csv --out runs/smollm2
+"""
+import argparse
+import json
+import os
+import runpy
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+
+import heads
+import models
+import tqa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
+             max_pairs=None, max_questions=None, n_texts=100, text="auto")  # Wang & Veitch's sizes (ITI's alpha 15 in the grid)
+COURSE = dict(k=8, n_random=19, n_random_ipo=4, n_single=4, alphas=[5, 15], taus=[0.1, 0.5],
+              max_pairs=200, max_questions=40, n_texts=20, text="self")  # CPU: 19 random ITI sets, so a rank p-value can reach 0.05
+
+
+def parse_args(argv=None):
+    gpu = models.torch.cuda.is_available()
+    d = PAPER if gpu else COURSE
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    models.add_model_args(p)
+    tqa.add_data_args(p)
+    p.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
+    p.add_argument("--k", type=int, default=d["k"], help="heads per edited set (paper: 16)")
+    p.add_argument("--claimed", default=None, help="head set on trial (default: top:K, the probe's best K heads)")
+    p.add_argument("--n-random", type=int, default=d["n_random"], help="random K-head sets edited by ITI (paper: 16)")
+    p.add_argument("--n-random-ipo", type=int, default=None, help="how many of those sets IPO also edits "
+                   f"(default: {d['n_random_ipo']}, at most --n-random; paper: all 16)")
+    p.add_argument("--n-single", type=int, default=d["n_single"], help="random single heads edited by IPO (paper: 24)")
+    p.add_argument("--no-all-heads", action="store_true", help="leave out IPO at all heads (the full-model baseline)")
+    p.add_argument("--methods", default="iti,ipo", help="edits to run: iti, ipo, or both (comma-separated)")
+    p.add_argument("--alphas", type=float, nargs="+", default=d["alphas"], help="ITI strengths")
+    p.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
+    p.add_argument("--max-pairs", type=int, default=d["max_pairs"], help="IPO training pairs, a seeded subsample "
+                   "(default on a GPU: all, about 6,560)")
+    p.add_argument("--max-questions", type=int, default=d["max_questions"], help="test questions evaluated (all: 164)")
+    p.add_argument("--n-texts", type=int, default=d["n_texts"], help="documents for CE/KL (ITI: 100)")
+    p.add_argument("--text", default=d["text"], help="CE/KL text for evaluate.py: auto (OpenWebText from the hub, "
+                   "else self), self (text the model samples: offline, no hub retries), or a local .txt/.jsonl")
+    p.add_argument("--judges", default=None, help="evaluate.py --judges (e.g. none: no Truth/Info, MC figures only)")
+    for stage in ("probe", "iti", "ipo", "eval"):
+        p.add_argument(f"--{stage}-args", default="", help=f"more arguments for the {stage} stage, quoted, "
+                       f"e.g. --{stage}-args '--batch-size 8'")
+    p.add_argument("--shard", default="0/1", help="I/N: run only the units i with i %% N == I (SLURM array jobs)")
+    p.add_argument("--subprocess", action="store_true", help="run each stage in its own Python process (default: "
+                   "in this one, saving the import time; the commands are the same)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
+    try:
+        args.shard_index, args.n_shards = map(int, args.shard.split("/"))
+        assert 0 <= args.shard_index < args.n_shards
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. --shard 0/4") from None
+    args.methods = args.methods.split(",")
+    if not set(args.methods) <= {"iti", "ipo"}:
+        raise SystemExit(f"--methods {','.join(args.methods)}: choose iti, ipo, or iti,ipo")
+    if args.n_random_ipo is None:
+        args.n_random_ipo = min(d["n_random_ipo"], args.n_random)
+    if args.k < 1 or min(args.n_random, args.n_random_ipo, args.n_single) < 0 or args.n_random_ipo > args.n_random:
+        raise SystemExit("--k must be at least 1, the counts at least 0, and --n-random-ipo at most --n-random")
+    return args
+
+
+# ---- The plan: units of work, each a list of (command, the files it writes)
+
+def slug(spec):
+    return spec.replace(":", "-").replace(",", "_")
+
+
+def model_data_args(args):
+    return ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--seed", str(args.seed)] + (
+        ["--data", args.data] if args.data else [])
+
+
+def evaluate_command(args, edits):
+    extra = ["--judges", args.judges] if args.judges else []
+    return ["evaluate.py", *model_data_args(args), "--edit", *edits, "--split", "test", "--out", f"{args.out}/results",
+            "--n-texts", str(args.n_texts), "--text", args.text, *extra, *(["--max-questions", str(args.max_questions)]
+                                                       if args.max_questions else []), *shlex.split(args.eval_args)]
+
+
+def edit_unit(args, method, spec):
+    """Fit the edits of one head set over the grid, then evaluate them."""
+    probe = f"{args.out}/probe"
+    grid, letter = (args.alphas, "a") if method == "iti" else (args.taus, "t")
+    pattern = f"{args.out}/edits/{method}-{slug(spec)}-{letter}{{{'alpha' if method == 'iti' else 'tau'}}}.safetensors"
+    value = (lambda g: f"{g:g}") if method == "iti" else (lambda g: str(float(g)))  # as each script names its files
+    edits = [pattern.format(alpha=value(g), tau=value(g)) for g in grid]
+    if method == "iti":
+        fit = ["iti.py", "--probe", probe, "--heads", spec, "--alpha", *map(value, grid),
+               "--direction", "mass_mean", "--out", pattern, *shlex.split(args.iti_args)]
+    else:
+        fit = ["ipo_edit.py", *model_data_args(args), "--heads", spec, "--probe", probe, "--tau",
+               *map(value, grid), "--out", pattern, *(["--max-pairs", str(args.max_pairs)]
+                                                                if args.max_pairs else []), *shlex.split(args.ipo_args)]
+    results = [f"{args.out}/results/{os.path.basename(e)[:-len('.safetensors')]}.json" for e in edits]
+    return {"name": f"{method} {spec}", "kind": method, "points": len(grid),
+            "steps": [(fit, edits), (evaluate_command(args, edits), results)]}
+
+
+def probe_unit(args):
+    cmd = ["probe.py", *model_data_args(args), "--out", f"{args.out}/probe", *shlex.split(args.probe_args)]
+    return {"name": "probe", "kind": "probe", "points": 1,
+            "steps": [(cmd, [f"{args.out}/probe/probe.json", f"{args.out}/probe/probe.safetensors"])]}
+
+
+def plan(args):
+    """[unit] after the probe: the baseline, then one unit per (method, head set). The single heads are drawn from
+    the probe's geometry (random:M:SEED: M distinct heads), so they are planned once the probe exists."""
+    units = [{"name": "baseline", "kind": "evaluate", "points": 1,
+              "steps": [(evaluate_command(args, ["none"]), [f"{args.out}/results/baseline.json"])]}]
+    claimed = args.claimed or f"top:{args.k}"
+    randoms = [f"random:{args.k}:{i}" for i in range(args.n_random)]
+    units += [edit_unit(args, "iti", spec) for spec in [claimed] + randoms if "iti" in args.methods]
+    singles = []
+    if args.n_single and os.path.isfile(f"{args.out}/probe/probe.json"):
+        with open(f"{args.out}/probe/probe.json") as f:
+            geo = heads.Geometry(**json.load(f)["geometry"])
+        singles = [f"single:{l}.{h}" for l, h in heads.parse_heads(f"random:{args.n_single}:{args.seed}", geo)]
+    elif args.n_single:
+        print(f"(the {args.n_single} single heads are planned once the probe has run: they need the model's geometry)")
+    ipo_specs = [claimed] + randoms[:args.n_random_ipo] + singles + ([] if args.no_all_heads else ["all"])
+    return units + [edit_unit(args, "ipo", spec) for spec in ipo_specs if "ipo" in args.methods]
+
+
+def done(step):
+    return all(os.path.isfile(path) for path in step[1])
+
+
+# ---- Running
+
+def run_command(argv, in_subprocess):
+    """Run `python SCRIPT ARGS` (here or in a child process); returns an exit code, 0 for success."""
+    print("$ python " + shlex.join(argv), flush=True)
+    script = os.path.join(HERE, argv[0])
+    if in_subprocess:
+        return subprocess.run([sys.executable, script, *argv[1:]]).returncode
+    saved = sys.argv
+    sys.argv = [script, *argv[1:]]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    except SystemExit as e:  # the stage's own one-sentence error, or sys.exit(code)
+        if isinstance(e.code, str):
+            print(f"error: {e.code}", file=sys.stderr)
+        return e.code if isinstance(e.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved
+
+
+def estimate(units, times_path):
+    """Seconds left for `units`, from the measured seconds per grid point of each kind; None for unmeasured kinds."""
+    rates = {}
+    if os.path.isfile(times_path):
+        with open(times_path) as f:
+            for row in map(json.loads, f):
+                rates.setdefault(row["kind"], []).append(row["seconds"] / row["points"])
+    kinds = {u["kind"] for u in units}
+    seconds = sum(sum(rates[u["kind"]]) / len(rates[u["kind"]]) * u["points"] for u in units if u["kind"] in rates)
+    return seconds, sorted(kinds - set(rates))
+
+
+def run_unit(unit, args, times_path):
+    """Run the unit's steps that have not written their files; returns the failed command, or None."""
+    start = time.time()
+    for step in unit["steps"]:
+        if not done(step) and run_command(step[0], args.subprocess):
+            return f"{unit['name']}: python {shlex.join(step[0])}"
+    with open(times_path, "a") as f:  # one short line per unit: shards may append at once
+        f.write(json.dumps({"unit": unit["name"], "kind": unit["kind"], "points": unit["points"],
+                            "seconds": round(time.time() - start, 2)}) + "\n")
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tiny = args.model in models.TINY_CONFIGS
+    if tiny:
+        print(f"NOTE: {args.model} is {models.TINY_NOTE}.")
+    os.makedirs(args.out, exist_ok=True)
+    times_path, probe = f"{args.out}/sweep_times.jsonl", probe_unit(args)
+    if not done(probe["steps"][0]):
+        if args.n_shards > 1:
+            raise SystemExit("--shard: every shard reads the probe, so run it once first: python "
+                             + shlex.join(probe["steps"][0][0]))
+        if args.dry_run:
+            print("probe:\n  python " + shlex.join(probe["steps"][0][0]))
+        elif run_unit(probe, args, times_path):
+            raise SystemExit("the probe failed: every other stage needs it (see its message above)")
+    units = plan(args)
+    left = [u for u in units if not all(map(done, u["steps"]))]
+    mine = left[args.shard_index::args.n_shards]
+    seconds, unmeasured = estimate(mine, times_path)
+    print(f"{len(units)} units after the probe: {len(units) - len(left)} done, {len(left)} left, {len(mine)} in this "
+          f"shard ({args.shard}); estimated {seconds / 60:.1f} min"
+          + (f" plus the kinds not yet timed: {', '.join(unmeasured)}" if unmeasured else ""), flush=True)
+    if args.dry_run:
+        for unit in mine:
+            print(f"{unit['name']}:\n" + "".join(f"  python {shlex.join(cmd)}\n" for cmd, out in unit["steps"]
+                                                   if not done((cmd, out))))
+        return
+    failed = []
+    for i, unit in enumerate(mine):
+        print(f"\n[{i + 1}/{len(mine)}] {unit['name']}", flush=True)
+        failed += [run_unit(unit, args, times_path)] if not all(map(done, unit["steps"])) else []
+    failed = [f for f in failed if f]
+    if all(all(map(done, u["steps"])) for u in units):
+        plot = ["plot.py", "--runs", args.out, "--report", "--claimed", args.claimed or f"top:{args.k}"]
+        if run_command(plot, args.subprocess):
+            failed.append(f"plot: python {shlex.join(plot)}")
+    else:
+        print("\nsome units are not done (other shards, or failures): when they are, run again without --shard to draw")
+    if tiny:
+        print(f"NOTE: {args.model} is {models.TINY_NOTE}.")
+    if failed:
+        raise SystemExit("these steps failed (fix and rerun the sweep: finished units are kept):\n  " + "\n  ".join(failed))
+
+
+if __name__ == "__main__":
+    main()
