@@ -34,10 +34,12 @@ import models
 import tqa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Wang & Veitch's sizes on a GPU (with ITI's alpha 15 in the grid); course sizes on a CPU, with 19 random ITI sets so
+# that a rank p-value can reach 0.05, and the model's own text for CE/KL (offline: no hub retries per evaluation)
 PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
-             max_pairs=None, max_questions=None, n_texts=100, text="auto")  # Wang & Veitch's sizes (ITI's alpha 15 in the grid)
+             max_pairs=None, max_questions=None, n_texts=100, text="auto")
 COURSE = dict(k=8, n_random=19, n_random_ipo=4, n_single=4, alphas=[5, 15], taus=[0.1, 0.5],
-              max_pairs=200, max_questions=40, n_texts=20, text="self")  # CPU: 19 random ITI sets, so a rank p-value can reach 0.05
+              max_pairs=200, max_questions=40, n_texts=20, text="self")
 
 
 def parse_args(argv=None):
@@ -82,6 +84,17 @@ def parse_args(argv=None):
     args.methods = args.methods.split(",")
     if not set(args.methods) <= {"iti", "ipo"}:
         raise SystemExit(f"--methods {','.join(args.methods)}: choose iti, ipo, or iti,ipo")
+    if args.claimed:  # the random sets must match the claimed set's size
+        kind, _, rest = args.claimed.partition(":")
+        try:
+            size = int(rest.split(":")[0]) if kind in ("top", "random") else 1 if kind == "single" else len(
+                [int(x) for h in args.claimed.split(",") for x in h.split(".")]) // 2
+        except ValueError:
+            raise SystemExit(f"--claimed {args.claimed} is malformed: use top:K, random:K:SEED, single:L.H or "
+                             "L.H,L.H") from None
+        if size != args.k:
+            print(f"--claimed {args.claimed} has {size} heads: random sets of {size} heads (not --k {args.k})")
+        args.k = size
     if args.n_random_ipo is None:
         args.n_random_ipo = min(d["n_random_ipo"], args.n_random)
     if args.k < 1 or min(args.n_random, args.n_random_ipo, args.n_single) < 0 or args.n_random_ipo > args.n_random:
