@@ -6,7 +6,8 @@ and RUN/probe/probe.safetensors for the heatmap. Edits are grouped by their meth
 A head set's score is its best value of --metric over that grid.
 
 Writes to --out (default RUN/figures), skipping with a printed reason any figure or panel whose data is missing:
-  fig1_iti_probed_vs_random.png   ITI: histogram over random sets (claimed set marked, p-value); truth vs info; MC2 vs KL
+  fig1_iti_probed_vs_random.png   ITI: histogram over random sets (claimed set marked, p-value); truth vs info;
+                                  MC2 vs KL
   fig2_truth_vs_info.png          ITI at the claimed heads, IPO at the claimed heads, IPO at all heads
   fig3_ipo_probed_vs_random.png   IPO: histogram over random sets; truth vs info
   fig4_ipo_single_heads.png       IPO: histogram over single heads; the best single heads vs the claimed set
@@ -39,8 +40,8 @@ SINGLE_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:olive
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="run folder(s) holding results/*.json (shards gather here)")
     p.add_argument("--out", default=None, help="figure folder (default: RUN/figures of the first run)")
     p.add_argument("--probe", default=None, help="probe folder for the heatmap (default: RUN/probe of the first run)")
@@ -280,7 +281,8 @@ def figures(sweep, claimed, metric, n_best_single):
     best_singles = [("ipo", s, f"IPO at {s}", {"lw": 1.2, "color": SINGLE_COLORS[i % len(SINGLE_COLORS)]})
                     for i, s in enumerate(singles[:n_best_single])]
     unedited = ("unedited", base, {"color": "k", "ls": ":"})
-    all_heads = ("IPO at all heads", best(sweep["curves"].get(("ipo", "all")), metric)[0], {"color": ALL_COLOR, "ls": "--"})
+    all_heads = ("IPO at all heads", best(sweep["curves"].get(("ipo", "all")), metric)[0],
+                 {"color": ALL_COLOR, "ls": "--"})
     return [
         ("fig1_iti_probed_vs_random.png", f"ITI: claimed heads {claimed} vs {pool_name}", [
             ("histogram", hist_panel(sweep, "iti", claimed, r["random"], metric, pool_name, "ITI, best over alpha",
@@ -297,8 +299,8 @@ def figures(sweep, claimed, metric, n_best_single):
         ("fig4_ipo_single_heads.png", f"IPO at single heads vs the claimed {k} heads", [
             ("histogram", hist_panel(sweep, "ipo", claimed, r["single"], metric, "single heads", "IPO, best over tau",
                                      [unedited, all_heads], descriptive=True)),
-            ("truth vs info", curves_panel(sweep, [("ipo", claimed, f"IPO at {claimed}", claimed_style)] + best_singles, "info", "truth",
-                                           f"the {len(best_singles)} best single heads"))]),
+            ("truth vs info", curves_panel(sweep, [("ipo", claimed, f"IPO at {claimed}", claimed_style)] + best_singles,
+                                           "info", "truth", f"the {len(best_singles)} best single heads"))]),
         ("fig5_ipo_kl.png", f"IPO: claimed heads {claimed} vs {pool_name}, against KL", [
             ("MC2 vs KL", curves_panel(sweep, versus_random("ipo"), "kl", "mc2", "MC2 vs KL over tau")),
             ("truth vs KL", curves_panel(sweep, versus_random("ipo"), "kl", "truth", "truth vs KL over tau"))]),

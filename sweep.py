@@ -2,9 +2,10 @@
 
 Runs the stage scripts, each step printed as the exact command a user could run alone:
   1. probe.py        probe every head; the claimed set is top:K by default (--claimed: any head spec)
-  2. iti.py          ITI at the claimed heads and at N random K-head sets (random:K:0 ... random:K:N-1), over --alphas
-  3. ipo_edit.py     IPO at the claimed heads, at the first --n-random-ipo of those random sets, at M random single heads
-                     (drawn once from the probe's geometry with --seed) and at all heads, over --taus
+  2. iti.py          ITI at the claimed heads and at N random K-head sets (random:K:0 ... random:K:N-1), over
+                     --alphas
+  3. ipo_edit.py     IPO at the claimed heads, at the first --n-random-ipo of those random sets, at M random single
+                     heads (drawn once from the probe's geometry with --seed) and at all heads, over --taus
   4. evaluate.py     the unedited baseline and every edit, on the test questions
   5. plot.py         the figures and the report (RUN/figures, RUN/report.md)
 A unit of work is one head set: its edits fitted over the grid, then evaluated. Units whose results exist are skipped,
@@ -45,8 +46,8 @@ COURSE = dict(k=8, n_random=19, n_random_ipo=4, n_single=4, alphas=[5, 15], taus
 def parse_args(argv=None):
     gpu = models.torch.cuda.is_available()
     d = PAPER if gpu else COURSE
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_model_args(p)
     tqa.add_data_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
@@ -233,7 +234,7 @@ def main(argv=None):
             raise SystemExit("the probe failed: every other stage needs it (see its message above)")
     units = plan(args)
     left = [u for u in units if not all(map(done, u["steps"]))]
-    mine = left[args.shard_index::args.n_shards]
+    mine = [u for u in units[args.shard_index::args.n_shards] if u in left]  # stable slices of the whole plan
     seconds, unmeasured = estimate(mine, times_path)
     print(f"{len(units)} units after the probe: {len(units) - len(left)} done, {len(left)} left, {len(mine)} in this "
           f"shard ({args.shard}); estimated {seconds / 60:.1f} min"
@@ -257,7 +258,8 @@ def main(argv=None):
     if tiny:
         print(f"NOTE: {args.model} is {models.TINY_NOTE}.")
     if failed:
-        raise SystemExit("these steps failed (fix and rerun the sweep: finished units are kept):\n  " + "\n  ".join(failed))
+        raise SystemExit("these steps failed (fix them and rerun the sweep: finished units are kept):\n  "
+                         + "\n  ".join(failed))
 
 
 if __name__ == "__main__":

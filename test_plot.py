@@ -151,7 +151,8 @@ def test_unjudged_sweep_draws_the_mc_figures_and_says_why_it_skips(tmp_path, cap
     log = json.load(open(f"{run}/figures/figures.json"))
     assert log["metric"] == "mc2"
     assert "fig5_ipo_kl.png" in log["drawn"] and "fig2_truth_vs_info.png" in log["drawn"]  # its MC2 vs KL panel
-    assert log["skipped"]["fig2_truth_vs_info.png: truth vs info"] == "no info, truth in the results (judges were skipped)"
+    reason = log["skipped"]["fig2_truth_vs_info.png: truth vs info"]
+    assert reason == "no info, truth in the results (judges were skipped)"
     assert "fig1_iti_probed_vs_random.png: truth vs info" in log["skipped"]
     assert "judges were skipped" in capsys.readouterr().out
     numbers = json.load(open(f"{run}/report.json"))

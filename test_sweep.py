@@ -22,9 +22,10 @@ METRIC_KEYS = {"mc1", "mc2", "mc3", "truth", "info", "info_truth", "ce", "kl", "
 
 def write_probe_json(run, geo=heads.Geometry(3, 4, 16)):
     models.write_json(f"{run}/probe/probe.json", {"geometry": vars(geo), "ranking": [[0, 0], [1, 1], [2, 2]]})
+    open(f"{run}/probe/probe.safetensors", "w").close()  # the plan only checks that it exists
 
 
-def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjointly(tmp_path):
+def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjointly(tmp_path, capsys):
     run = str(tmp_path)
     write_probe_json(run)
     args = sweep.parse_args(["--model", "tiny-llama", "--out", run, "--k", "3", "--n-random", "5", "--n-random-ipo",
@@ -40,9 +41,13 @@ def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjoint
         fit, evaluate = unit["steps"]
         assert len(fit[1]) == unit["points"] == (2 if unit["kind"] == "iti" else 3)
         assert [os.path.basename(r)[:-5] for r in evaluate[1]] == [os.path.basename(e)[:-12] for e in fit[1]]
-    left = [u["name"] for u in units]
-    shards = [[u["name"] for u in left_units] for left_units in (units[i::3] for i in range(3))]
-    assert sorted(sum(shards, [])) == sorted(left) and len(set(sum(shards, []))) == len(left)
+    shards = []
+    for i in range(3):  # each shard prints its commands: together they cover the plan once
+        sweep.main(["--model", "tiny-llama", "--out", run, "--k", "3", "--n-random", "5", "--n-random-ipo", "2",
+                    "--n-single", "6", "--alphas", "1", "2", "--shard", f"{i}/3", "--dry-run"])
+        shards.append([line[:-1] for line in capsys.readouterr().out.splitlines() if line.endswith(":")
+                       and line.split()[0] in ("baseline:", "iti", "ipo")])
+    assert sorted(sum(shards, [])) == sorted(names) and all(shards)
 
 
 def test_bad_arguments_are_refused_with_a_sentence(tmp_path):
