@@ -237,8 +237,9 @@ def main(argv=None):
     mine = [u for u in units[args.shard_index::args.n_shards] if u in left]  # stable slices of the whole plan
     seconds, unmeasured = estimate(mine, times_path)
     print(f"{len(units)} units after the probe: {len(units) - len(left)} done, {len(left)} left, {len(mine)} in this "
-          f"shard ({args.shard}); estimated {seconds / 60:.1f} min"
-          + (f" plus the kinds not yet timed: {', '.join(unmeasured)}" if unmeasured else ""), flush=True)
+          f"shard ({args.shard}); time left: {seconds / 60:.1f} min" + (
+              f" plus the units of kinds not yet timed ({', '.join(unmeasured)}: known after one of each has run)"
+              if unmeasured else ""), flush=True)
     if args.dry_run:
         for unit in mine:
             print(f"{unit['name']}:\n" + "".join(f"  python {shlex.join(cmd)}\n" for cmd, out in unit["steps"]
