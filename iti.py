@@ -13,7 +13,8 @@ Writes: one edit file (heads.save_edit: safetensors + provenance) per --alpha. -
         replaced by each alpha (needed when there are several); by default RUN/edits/iti-{heads}[-{direction}]-a{alpha}
         .safetensors beside the probe folder, e.g. runs/smollm2/edits/iti-top16-a15.safetensors.
 
-    python iti.py --probe runs/smollm2/probe --heads top:16 --alpha 5 10 15 20 --out runs/smollm2/edits/iti-top16-a{alpha}.safetensors
+    python iti.py --probe runs/smollm2/probe --heads top:16 --alpha 5 10 15 20 \
+        --out runs/smollm2/edits/iti-top16-a{alpha}.safetensors
 """
 import argparse
 import json

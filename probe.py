@@ -74,7 +74,8 @@ def fit_probes(train_x, train_y, val_x, val_y, C=C, tol=1e-7, max_iter=50, devic
         weights[g0:g0 + chunk] = _newton(x, y, reg, C, tol, max_iter).cpu()
     w = weights.float()
     val_logits = torch.einsum("ngd,gd->gn", val_x.float(), w[:, :D]) + w[:, D:]  # [G, n_val]
-    accuracy = ((val_logits > 0).float() == val_y.float()).float().mean(1)  # predict 1 when the logit is > 0, as sklearn
+    # predict 1 when the logit is > 0, as scikit-learn does
+    accuracy = ((val_logits > 0).float() == val_y.float()).float().mean(1)
     return accuracy, w
 
 
@@ -95,7 +96,8 @@ def _newton(x, y, reg, C, tol, max_iter):
         grad = C * torch.bmm((p - y).unsqueeze(1), xa).squeeze(1).double() + reg * wa  # [g, D+1]
         done = grad.abs().amax(1) <= tol * C * n
         hessian = C * torch.bmm(xa.transpose(1, 2) * (p * (1 - p)).unsqueeze(1), xa).double() + torch.diag(reg)
-        hessian += 1e-10 * n * torch.eye(hessian.shape[-1], dtype=torch.float64, device=x.device)  # keeps a flat intercept solvable
+        # a tiny ridge keeps the system solvable when every p(1-p) underflows (an unpenalised intercept)
+        hessian += 1e-10 * n * torch.eye(hessian.shape[-1], dtype=torch.float64, device=x.device)
         step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)  # [g, D+1]
         slope = (grad * step).sum(1)  # the Newton decrement squared: about twice the distance to the optimum
         # Backtracking (Armijo) where the expected decrease is above float32 round-off in the loss; closer in, Newton's

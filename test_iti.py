@@ -29,7 +29,7 @@ def write_probe(folder, geo, model_name="tiny-llama", fingerprint=None, seed=0):
         tensors[f"sigma_{k}"] = torch.rand(L, H, generator=g) + 0.5
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "probe.safetensors"))
-    ranking = sorted(([l, h] for l in range(L) for h in range(H)), key=lambda x: -float(tensors["accuracy"][x[0], x[1]]))
+    ranking = [list(divmod(int(i), H)) for i in tensors["accuracy"].flatten().argsort(descending=True, stable=True)]
     with open(os.path.join(folder, "probe.json"), "w") as f:
         json.dump({"geometry": vars(geo), "ranking": ranking, "model": model_name, "fingerprint": fingerprint,
                    "seed": seed, "prompt_format": "random_question"}, f)
@@ -74,7 +74,8 @@ def test_head_specs_out_names_and_refusals(tmp_path):
     offset, meta = read_edit(str(tmp_path / "run" / "edits" / "iti-top2-probe-a15.safetensors"))
     assert meta["heads"] == heads.format_heads(sorted(map(tuple, ranking[:2])))
     l, h = ranking[0]
-    torch.testing.assert_close(offset["offset"][l, h], 15 * tensors["sigma_probe"][l, h] * tensors["direction_probe"][l, h])
+    expected = 15 * tensors["sigma_probe"][l, h] * tensors["direction_probe"][l, h]  # alpha * sigma * u
+    torch.testing.assert_close(offset["offset"][l, h], expected)
     iti.main(["--probe", folder, "--heads", "random:3:7", "--alpha", "0.5"])
     _, meta = read_edit(str(tmp_path / "run" / "edits" / "iti-random3-7-a0.5.safetensors"))
     assert meta["heads"] == heads.format_heads(heads.parse_heads("random:3:7", geo)) and meta["k"] == 3
