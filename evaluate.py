@@ -129,10 +129,34 @@ def encode_question(tokenizer, question, instruction):
 
 
 @torch.no_grad()
-def run_prefix(model, prompt_ids, edit=None):
-    """The prompt, once: (its KV cache, log-probs of the first answer token [vocab])."""
+def make_primer(model, primer_ids, edit=None):
+    """The tokens every prompt starts with (ITI's instruction and the QA primer, about 250 tokens), run once: their
+    ids and KV cache, reused by every question. `edit`: on for an edit that reaches the prompt (apply 'all')."""
+    if not primer_ids:
+        return None
     with edit_context(model, edit, None):
-        out = model(prompt_ids.to(model.device), use_cache=True, logits_to_keep=1)  # lm_head on the last token only
+        out = model(torch.tensor([primer_ids], device=model.device), use_cache=True, logits_to_keep=1)
+    return {"ids": list(primer_ids), "cache": out.cache}
+
+
+def primer_cache(primer, batch):
+    """(tokens it covers, a copy of its KV cache for `batch` rows); (0, None) without a primer."""
+    if primer is None:
+        return 0, None
+    cache = copy.deepcopy(primer["cache"])  # a forward appends to it; the primer must stay as it is
+    cache.batch_repeat_interleave(batch)
+    return len(primer["ids"]), cache
+
+
+@torch.no_grad()
+def run_prefix(model, prompt_ids, edit=None, primer=None):
+    """The prompt, once (after the primer's cached tokens, when given): (its KV cache, log-probs of the first answer
+    token [vocab]). The primer must have been run with the same edit as `edit`."""
+    S, cache = primer_cache(primer, 1)
+    positions = torch.arange(S, prompt_ids.shape[1], device=model.device)[None]  # [1, p - S]
+    with edit_context(model, edit, None):
+        out = model(prompt_ids[:, S:].to(model.device), position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)  # lm_head on the last token only
     return out.cache, out.logits[0, -1].float().log_softmax(-1)
 
 
@@ -142,14 +166,15 @@ def prefix_is_edited(edit, apply):
 
 
 @torch.no_grad()
-def answer_logprobs(model, prompt_ids, answer_ids, edit=None, apply="iti", shared_prefix=None):
+def answer_logprobs(model, prompt_ids, answer_ids, edit=None, apply="iti", shared_prefix=None, primer=None):
     """Summed log-prob of each answer after the prompt. The prompt is run once (run_prefix) and its KV cache expanded to
     the n answers, which run as one right-padded batch. shared_prefix: an unedited run_prefix to reuse (baseline and
-    ITI edits, whose MC edit starts at the first answer token); ignored when the edit reaches the prompt."""
+    ITI edits, whose MC edit starts at the first answer token); ignored when the edit reaches the prompt.
+    primer: make_primer's cache of the prompt's first tokens, run with the edit when it reaches the prompt."""
     n, p = len(answer_ids), prompt_ids.shape[1]
     edited_prefix = prefix_is_edited(edit, apply)
     if shared_prefix is None or edited_prefix:
-        shared_prefix = run_prefix(model, prompt_ids, edit if edited_prefix else None)
+        shared_prefix = run_prefix(model, prompt_ids, edit if edited_prefix else None, primer)
     cache, first_logprobs = shared_prefix
     cache = copy.deepcopy(cache)  # the forward appends to it; the shared prefix must stay as it is
     cache.batch_repeat_interleave(n)
@@ -173,19 +198,29 @@ def cut_answer(text):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", generator=None, stop=True):
+def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", generator=None, stop=True,
+             primer=None):
     """Continue each prompt (left-padded batch, KV cache): greedy, or sampled when `generator` (a torch.Generator) is
     given. The edit follows heads.edit_start(apply, 'generate', last prompt token). Returns the continuations' text;
-    with `stop`, it ends once every continuation holds a newline or 'Q:' (what cut_answer keeps is then complete)."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    mask = enc["attention_mask"]  # [batch, seq]
-    batch, seq = mask.shape
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    with `stop`, it ends once every continuation holds a newline or 'Q:' (what cut_answer keeps is then complete).
+    primer: make_primer's cache of the tokens every prompt starts with (run with the edit when apply is 'all'); the
+    rest of each prompt is left-padded after it: [primer | pads | rest of prompt | generated]."""
+    S, cache = primer_cache(primer, len(prompts))
+    rests = [ids[S:] for ids in tokenizer(prompts)["input_ids"]]
+    if primer is not None and any(ids[:S] != primer["ids"] for ids in tokenizer(prompts)["input_ids"]):
+        raise ValueError("generate: a prompt does not start with the primer's tokens")
+    batch, seq = len(rests), max(map(len, rests))
+    ids = torch.full((batch, seq), tokenizer.pad_token_id, dtype=torch.long)  # [batch, seq]
+    mask = torch.zeros_like(ids)
+    for i, rest in enumerate(rests):
+        ids[i, seq - len(rest):], mask[i, seq - len(rest):] = torch.tensor(rest), 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    positions = S + (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    mask = torch.cat([mask.new_ones(batch, S), mask], 1)  # [batch, S + seq]: the primer is seen by every row
     start = None if edit is None else heads.edit_start(apply, "generate", torch.full((batch,), seq - 1))
     tokens, ended = [], torch.zeros(batch, dtype=torch.bool, device=model.device)
     with edit_context(model, edit, start):
-        out = model(enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # [batch, vocab]
             if generator is None:
@@ -208,6 +243,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
 
 def hub_documents(name):
     """The 'text' column of a hub dataset's train split, or the exception that stopped it (offline)."""
+    if not models.hub_reachable():
+        return ConnectionError("the Hugging Face hub is unreachable")
     try:
         from datasets import load_dataset
         return list(load_dataset(name, split="train")["text"])
@@ -326,6 +363,17 @@ def score_questions(model, tokenizer, questions, targets, args, skip):
     """MC and generation for every target, a chunk of --batch-size questions at a time, rows appended per chunk. The
     unedited prompt prefix of each question is computed once and shared by the baseline and every ITI edit."""
     prompts = [tqa.qa_prompt(q["question"], args.instruction) for q in questions]
+    n_primer = tqa.shared_prefix_length([tokenizer(p)["input_ids"] for p in prompts])
+    primer_ids, primers = tokenizer(prompts[0])["input_ids"][:n_primer], {}
+
+    def primer(t):
+        """The prompts' common start, run once: unedited for the baseline and ITI edits, once per edit that reaches
+        the prompt (apply 'all')."""
+        name = t["name"] if prefix_is_edited(t["edit"], t["apply"]) else None
+        if name not in primers:
+            primers[name] = make_primer(model, primer_ids, t["edit"] if name else None)
+        return primers[name]
+
     for c0 in tqdm(range(0, len(questions), args.batch_size), desc="questions"):
         chunk = questions[c0:c0 + args.batch_size]
         todo = [t for t in targets if any(q["question"] not in t["rows"] for q in chunk)]
@@ -338,14 +386,14 @@ def score_questions(model, tokenizer, questions, targets, args, skip):
             shared = None  # one question's unedited prompt KV cache: layers x 2 x kv_heads x head_dim x p floats
             for t in todo:
                 if shared is None and not prefix_is_edited(t["edit"], t["apply"]):
-                    shared = run_prefix(model, prompt_ids)
-                scores = answer_logprobs(model, prompt_ids, answer_ids, t["edit"], t["apply"], shared)
+                    shared = run_prefix(model, prompt_ids, primer=primer(t))
+                scores = answer_logprobs(model, prompt_ids, answer_ids, t["edit"], t["apply"], shared, primer(t))
                 rows[t["name"]][j].update(scores_true=scores[:n_correct], scores_false=scores[n_correct:],
                                           **mc_metrics(scores[:n_correct], scores[n_correct:], i_best))
         for t in todo:
             if "generation" not in skip:
                 raw = generate(model, tokenizer, prompts[c0:c0 + args.batch_size], args.max_new_tokens, t["edit"],
-                               t["apply"])
+                               t["apply"], primer=primer(t))
                 for row, text in zip(rows[t["name"]], raw):
                     row.update(generation=text, answer=cut_answer(text))
             new = [r for r in rows[t["name"]] if r["question"] not in t["rows"]]

@@ -59,7 +59,7 @@ def build_parser():
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up the cosine schedule")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (TRL's default: 0)")
     p.add_argument("--max-pairs", type=int, default=None, help="train on a seeded subsample of this many pairs")
-    p.add_argument("--max-val-pairs", type=int, default=256, help="validate on a seeded subsample (0: no validation)")
+    p.add_argument("--max-val-pairs", type=int, default=128, help="validate on a seeded subsample (0: no validation)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="pairs per batch for reference and validation passes")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (7B on one GPU)")
     p.add_argument("--no-shared-prefix", action="store_true", help="run every row's whole prompt instead of the prompt "
@@ -107,22 +107,12 @@ def encode_pairs(tokenizer, pairs, instruction):
     return [(prompt_ids(p["question"]), answer_ids(p["chosen"]), answer_ids(p["rejected"])) for p in pairs]
 
 
-def shared_prefix_length(prompts):
-    """Tokens every prompt of the batch starts with (the instruction and QA primer), keeping at least one token of
-    each prompt after them, so the first answer token is always predicted by the second forward."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return max(n, 0)
-
-
 def collate(encoded, pad_id, device, share_prefix=True):
     """2B rows (the B chosen answers, then the B rejected ones) as [shared prefix | prompt rest | answer]: the prefix
     common to all prompts once (batch 1, its KV cache reused by every row), the rest of each prompt left-padded to P,
     the answer right-padded to A, so every answer starts at column P and the loss needs only the last A+1 logits.
     share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing)."""
-    S = shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
+    S = tqa.shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
     rows = [(p[S:], c) for p, c, _ in encoded] + [(p[S:], r) for p, _, r in encoded]
     P, A = max(len(p) for p, _ in rows), max(len(y) for _, y in rows)
     ids = torch.full((len(rows), P + A), pad_id, dtype=torch.long)  # [2B, P+A]

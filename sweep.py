@@ -62,8 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--alphas", type=float, nargs="+", default=d["alphas"], help="ITI strengths")
     p.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
     p.add_argument("--max-pairs", type=int, default=d["max_pairs"], help="IPO training pairs, a seeded subsample "
-                   "(default on a GPU: all, about 6,560)")
-    p.add_argument("--max-questions", type=int, default=d["max_questions"], help="test questions evaluated (all: 164)")
+                   "(0: all, about 6,560; the default on a GPU)")
+    p.add_argument("--max-questions", type=int, default=d["max_questions"],
+                   help="test questions evaluated (0: all 164; the default on a GPU)")
     p.add_argument("--n-texts", type=int, default=d["n_texts"], help="documents for CE/KL (ITI: 100)")
     p.add_argument("--text", default=d["text"], help="CE/KL text for evaluate.py: auto (OpenWebText from the hub, "
                    "else self), self (text the model samples: offline, no hub retries), or a local .txt/.jsonl")

@@ -1,13 +1,11 @@
 """Tests of evaluate.py: MC1/2/3 by hand, the batched MC scorer against a plain one-forward-per-answer scorer, where
 edits apply in generation, CE/KL, the judge path (a tiny random LM as the stand-in judge), resuming, bad input.
 
-Run: python -m pytest -q test_evaluate.py        Benchmark (batched vs per-answer MC scoring): python test_evaluate.py
+Run: python -m pytest -q test_evaluate.py        Benchmark (batched vs per-answer MC scoring): bench.py, row 4
 """
 import json
 import math
 import os
-import sys
-import time
 
 import pytest
 import torch
@@ -57,9 +55,10 @@ def plain_logprobs(model, tokenizer, question, instruction="default", edit=None,
     return scores
 
 
-def batched_logprobs(model, tokenizer, question, instruction="default", edit=None, apply="iti", shared=None):
+def batched_logprobs(model, tokenizer, question, instruction="default", edit=None, apply="iti", shared=None,
+                     primer=None):
     prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, question, instruction)
-    return evaluate.answer_logprobs(model, prompt_ids, answer_ids, edit, apply, shared)
+    return evaluate.answer_logprobs(model, prompt_ids, answer_ids, edit, apply, shared, primer)
 
 
 def run(tmp_path, *args, data=None, text=True):
@@ -103,10 +102,18 @@ def test_mc_metrics_by_hand():
 def check_scorer(model, tokenizer, questions, tmp_path):
     iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=2.0)
     ipo = save_test_edit(tmp_path / "ipo.safetensors", model, "ipo", scale=0.3)
+    prompts = [tokenizer(tqa.qa_prompt(q["question"]))["input_ids"] for q in questions]
+    primer_ids = prompts[0][:tqa.shared_prefix_length(prompts)]
+    assert len(primer_ids) > 100  # the instruction and the six-question primer, shared by every prompt
+    primer = evaluate.make_primer(model, primer_ids)
+    edited_primer = evaluate.make_primer(model, primer_ids, ipo)  # for the edit that reaches the prompt
     for q in questions:
-        shared = evaluate.run_prefix(model, tokenizer(tqa.qa_prompt(q["question"]), return_tensors="pt")["input_ids"])
+        prompt_ids = tokenizer(tqa.qa_prompt(q["question"]), return_tensors="pt")["input_ids"]
+        shared = evaluate.run_prefix(model, prompt_ids)
         plain = plain_logprobs(model, tokenizer, q)
         assert batched_logprobs(model, tokenizer, q, shared=shared) == pytest.approx(plain, abs=1e-4)
+        shared_after_primer = evaluate.run_prefix(model, prompt_ids, primer=primer)
+        assert batched_logprobs(model, tokenizer, q, shared=shared_after_primer) == pytest.approx(plain, abs=1e-4)
         for edit in (iti, ipo):
             apply = edit.meta["apply"]
             expected = plain_logprobs(model, tokenizer, q, edit=edit, apply=apply)
@@ -114,6 +121,10 @@ def check_scorer(model, tokenizer, questions, tmp_path):
             # the shared (unedited) prefix is reused by the ITI edit and ignored by the every-token one
             assert batched_logprobs(model, tokenizer, q, edit=edit, apply=apply, shared=shared) == pytest.approx(
                 expected, abs=1e-4)
+            # after a cached primer: unedited for ITI, run with the edit for the every-token edit
+            got = batched_logprobs(model, tokenizer, q, edit=edit, apply=apply, shared=shared_after_primer,
+                                   primer=edited_primer if apply == "all" else primer)
+            assert got == pytest.approx(expected, abs=1e-4)
 
 
 def test_batched_scorer_equals_plain_scorer_on_fixture_rows(llama, tmp_path):
@@ -155,9 +166,15 @@ def test_batched_left_padded_generation_equals_plain_greedy(llama, tmp_path):
     model, tokenizer, _ = llama
     prompts = [tqa.qa_prompt("What is fact 1?", "none"), tqa.qa_prompt("Why is the sky blue on a clear day?")]
     iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=3.0)
-    for edit in (None, iti):
-        got = evaluate.generate(model, tokenizer, prompts, 8, edit, "iti", stop=False)
-        assert got == [plain_greedy(model, tokenizer, p, 8, edit) for p in prompts]
+    ipo = save_test_edit(tmp_path / "ipo.safetensors", model, "ipo", scale=0.3)
+    primer_ids = tokenizer(prompts[0])["input_ids"][:tqa.shared_prefix_length([tokenizer(p)["input_ids"]
+                                                                               for p in prompts])]
+    for edit, apply in ((None, "iti"), (iti, "iti"), (ipo, "all")):
+        want = [plain_greedy(model, tokenizer, p, 8, edit, apply) for p in prompts]
+        assert evaluate.generate(model, tokenizer, prompts, 8, edit, apply, stop=False) == want
+        # the same after the prompts' common start run once (with the edit when it reaches the prompt)
+        primer = evaluate.make_primer(model, primer_ids, edit if apply == "all" else None)
+        assert evaluate.generate(model, tokenizer, prompts, 8, edit, apply, stop=False, primer=primer) == want
     assert evaluate.generate(model, tokenizer, prompts, 8, iti, "iti", stop=False) != evaluate.generate(
         model, tokenizer, prompts, 8, stop=False)
 
@@ -260,26 +277,3 @@ def test_bad_input_stops_with_a_sentence_and_no_json(tmp_path):
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, *extra, *skip, "--out", str(tmp_path / f"out{i}.json"), data=data)
         assert not (tmp_path / f"out{i}.json").exists()
-
-
-# ---- benchmark: python test_evaluate.py [n_questions]
-
-def benchmark(n_questions=20, model_name="tiny-llama"):
-    model, tokenizer, _ = models.load_model(model_name)
-    data = SHARED_CSV if os.path.isfile(SHARED_CSV) else write_fixture_csv("/tmp/evaluate_bench.csv", n=50)
-    questions = tqa.load_truthfulqa(data)[:n_questions]
-    timings = {}
-    for name, score in (("per-answer forward", plain_logprobs), ("batched, shared prefix", batched_logprobs)):
-        t0 = time.perf_counter()
-        for q in questions:
-            score(model, tokenizer, q)
-        timings[name] = time.perf_counter() - t0
-    n_answers = sum(len(q["correct"]) + len(q["incorrect"]) for q in questions)
-    for name, seconds in timings.items():
-        print(f"{name:24s} {seconds:7.2f} s for {len(questions)} questions ({n_answers} answers)")
-    print(f"speed-up {timings['per-answer forward'] / timings['batched, shared prefix']:.1f}x "
-          f"({model_name}, {torch.get_num_threads()} thread(s))")
-
-
-if __name__ == "__main__":
-    benchmark(*(int(a) if a.isdigit() else a for a in sys.argv[1:]))

@@ -102,9 +102,9 @@ def test_shared_prefix_gives_the_same_logps_and_gradient(name):
 
 
 def test_shared_prefix_keeps_a_token_of_every_prompt():
-    assert ipo_edit.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert ipo_edit.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # same question: the last prompt token stays
-    assert ipo_edit.shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert tqa.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert tqa.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # same question: the last prompt token stays
+    assert tqa.shared_prefix_length([[7, 2], [1, 2]]) == 0
 
 
 def test_answers_are_tokenized_apart_and_appended(llama):

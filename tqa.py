@@ -99,6 +99,16 @@ def load_truthfulqa(data=None):
     return rows
 
 
+def shared_prefix_length(prompts):
+    """How many tokens all prompts (lists of token ids) start with (ITI's instruction and the QA primer), keeping at
+    least one token of each prompt after them: that last prompt token predicts the first answer token."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return max(n, 0)
+
+
 def split_questions(questions, seed):
     """{'train', 'val', 'test'} -> lists of question indices: a seeded permutation cut 60/20/20."""
     n = len(questions)
