@@ -43,7 +43,8 @@ parser.add_argument("--instruction", default="default", choices=list(tqa.INSTRUC
 parser.add_argument("--apply", default=None, choices=list(heads.APPLY),
                     help="where edits apply: iti (ITI's positions) or all (every token); default: the edit file's")
 parser.add_argument("--skip", default="", help="comma list of stages to leave out: mc, generation, text")
-parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (and per resume step)")
+parser.add_argument("--batch-size", type=int, default=32, help="questions per generation batch (and per resume step): "
+                    "decoding reads every weight per token, so larger batches cost little more")
 parser.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length limit")
 parser.add_argument("--judges", default="default", choices=["default", "none"],
                     help="none: skip Truth and Info (judge later with --judge-only)")
@@ -217,26 +218,35 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
     ids, mask = ids.to(model.device), mask.to(model.device)
     positions = S + (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
     mask = torch.cat([mask.new_ones(batch, S), mask], 1)  # [batch, S + seq]: the primer is seen by every row
-    start = None if edit is None else heads.edit_start(apply, "generate", torch.full((batch,), seq - 1))
-    tokens, ended = [], torch.zeros(batch, dtype=torch.bool, device=model.device)
+    # every row's last prompt token sits at column seq - 1: one start for all rows, whatever rows remain
+    start = None if edit is None else heads.edit_start(apply, "generate", torch.full((1,), seq - 1))
+    tokens = [[] for _ in range(batch)]  # generated ids of each prompt
+    active = torch.arange(batch)  # the prompts still generating, one per row of the running batch
     with edit_context(model, edit, start):
         out = model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        for _ in range(max_new_tokens):
-            logits = out.logits[:, -1].float()  # [batch, vocab]
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # [rows, vocab]
             if generator is None:
                 token = logits.argmax(-1)
             else:
                 token = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(model.device)
-            token = torch.where(ended, tokenizer.pad_token_id, token)
-            tokens.append(token)
-            ended |= token == tokenizer.eos_token_id
-            if ended.all() or stop and all("\n" in t or "Q:" in t for t in tokenizer.batch_decode(
-                    torch.stack(tokens, 1), skip_special_tokens=True)):
+            for row, i in enumerate(active.tolist()):
+                tokens[i].append(int(token[row]))
+            done = (token == tokenizer.eos_token_id).cpu()
+            if stop:  # what cut_answer keeps is complete once the text holds a newline or 'Q:'
+                texts = tokenizer.batch_decode([tokens[i] for i in active.tolist()], skip_special_tokens=True)
+                done |= torch.tensor(["\n" in t or "Q:" in t for t in texts])
+            if done.all() or step == max_new_tokens - 1:
                 break
+            if done.any():  # finished rows leave the batch: the rest run on without them
+                keep = (~done).nonzero()[:, 0]
+                active, keep = active[keep], keep.to(model.device)
+                token, mask, positions = token[keep], mask[keep], positions[keep]
+                out.cache.batch_select_indices(keep)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             positions = positions[:, -1:] + 1
             out = model(token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True)
-    return tokenizer.batch_decode(torch.stack(tokens, 1), skip_special_tokens=True)
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
 # ---- CE and KL on unrelated text
@@ -401,22 +411,31 @@ def score_questions(model, tokenizer, questions, targets, args, skip):
             t["rows"].update({r["question"]: r for r in new})
 
 
+def judge_id(spec):
+    """Which judge: its spec, and for a judge file its content's hash too (a retrained judge judges again)."""
+    if not os.path.isfile(spec):
+        return spec
+    with open(spec, "rb") as f:
+        return f"{spec}#{hashlib.sha256(f.read()).hexdigest()[:16]}"
+
+
 def judge_rows(targets, args):
     """Truth and Info for every row lacking them (or judged by another judge); rows rewritten after each batch."""
     abouts = {}
     for kind, spec in (("truth", args.truth_judge), ("info", args.info_judge)):
-        pending = [(t, r) for t in targets for r in t["rows"].values() if r.get(f"{kind}_spec") != spec]
+        which = judge_id(spec)
+        pending = [(t, r) for t in targets for r in t["rows"].values() if r.get(f"{kind}_spec") != which]
         if not pending:
             abouts[kind] = next(iter(targets[0]["rows"].values()))[f"{kind}_judge"]
             continue
         scorer = judge.load_judge(spec, kind, args.judge_device or args.device, args.dtype)
-        abouts[kind] = scorer.about
+        abouts[kind] = dict(scorer.about, id=which)
         for i in tqdm(range(0, len(pending), 64), desc=f"{kind} judge"):
             part = pending[i:i + 64]
             probs = scorer.score([r["question"] for _, r in part], [r["answer"] for _, r in part])
             for (_, row), p in zip(part, probs):
-                row.update({f"{kind}_p": p, kind: float(p >= judge.THRESHOLD), f"{kind}_spec": spec,
-                            f"{kind}_judge": scorer.about})
+                row.update({f"{kind}_p": p, kind: float(p >= judge.THRESHOLD), f"{kind}_spec": which,
+                            f"{kind}_judge": abouts[kind]})
             for t in {id(t): t for t, _ in part}.values():
                 rewrite_rows(t["jsonl"], list(t["rows"].values()))
         del scorer
@@ -442,13 +461,16 @@ def write_result(t, questions, text_scores, judges_about, settings, args):
     print(f"{t['json']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(rows, text_scores).items() if v is not None))
 
 
-def finished(t, settings, use_judges):
-    """True when an earlier run with these settings already wrote this edit's results (and judged, if asked)."""
+def finished(t, settings, use_judges, args):
+    """True when an earlier run with these settings already wrote this edit's results (and judged them with the
+    same judges, if asked: the rows of a run judged by others are kept, and only judged again)."""
     if not os.path.isfile(t["json"]):
         return False
     with open(t["json"]) as f:
         result = json.load(f)
-    done = result["settings"] == dict(settings, rows_key=t["key"]) and (result["judges"] is not None or not use_judges)
+    judged = result["judges"] is not None and all(result["judges"][kind].get("id") == judge_id(spec) for kind, spec
+                                                  in (("truth", args.truth_judge), ("info", args.info_judge)))
+    done = result["settings"] == dict(settings, rows_key=t["key"]) and (judged or not use_judges)
     print(f"{t['json']}: already done, skipped" if done else f"{t['json']}: made with other settings, redone")
     return done
 
@@ -503,7 +525,7 @@ def main(argv=None):
         docs, settings["text"] = load_texts(args, model, tokenizer, model_about)
         settings["text"].update(max_tokens=args.text_tokens, apply="every token", kl="KL(original || edited), "
                                 "mean over the tokens that predict a next token")
-    targets = [t for t in targets if not finished(t, settings, use_judges)]
+    targets = [t for t in targets if not finished(t, settings, use_judges, args)]
     if not targets:
         return
     score_questions(model, tokenizer, questions, targets, args, skip)

@@ -56,6 +56,9 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step; each step runs 2x this many sequences")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default as the paper: 2e-3 for 1 head, "
                    "5e-4 for up to 16 heads, 1e-4 for more)")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiply the default learning rate by this (short "
+                   "runs: AdamW moves each weight by about lr per step, and the paper takes ~3,300 steps; a course run "
+                   "of ~60 steps needs ~20x to move as far). Ignored with --lr")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up the cosine schedule")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (TRL's default: 0)")
     p.add_argument("--max-pairs", type=int, default=None, help="train on a seeded subsample of this many pairs")
@@ -381,8 +384,8 @@ def main(argv=None):
     val_ref = reference_logps(model, val_enc, pad_id, args, reference_key(args, model, val_pairs), cache_dir, "val") \
         if val_enc else None
     meta = {"model": args.model, "fingerprint": heads.fingerprint(model), "method": "ipo", "head_spec": args.heads,
-            "apply": "all", "seed": args.seed, "param": args.param, "lr": args.lr or default_lr(len(head_list)),
-            "epochs": args.epochs, "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs),
+            "apply": "all", "seed": args.seed, "param": args.param,
+            "lr": args.lr or args.lr_scale * default_lr(len(head_list)), "epochs": args.epochs, "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs),
             "n_val_pairs": len(val_pairs), "instruction": args.instruction, "warmup": args.warmup,
             "model_note": about["note"], "run": models.run_info(args)}
     for tau, path in todo:

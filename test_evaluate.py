@@ -249,6 +249,18 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, capsys):
     assert "already done, skipped" in capsys.readouterr().out
 
 
+
+def test_a_retrained_judge_file_judges_again(tmp_path):
+    """Rows remember which judge scored them: a judge file retrained at the same path is a different judge."""
+    path = tmp_path / "truth.safetensors"
+    path.write_bytes(b"one judge")
+    first = evaluate.judge_id(str(path))
+    assert first.startswith(str(path)) and evaluate.judge_id(str(path)) == first
+    path.write_bytes(b"another judge")
+    assert evaluate.judge_id(str(path)) != first
+    assert evaluate.judge_id("allenai/truthfulqa-truth-judge-llama2-7B") == "allenai/truthfulqa-truth-judge-llama2-7B"
+
+
 # ---- offline text, bad input
 
 def test_offline_self_text_is_recorded_and_cached(tmp_path):
@@ -277,3 +289,16 @@ def test_bad_input_stops_with_a_sentence_and_no_json(tmp_path):
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, *extra, *skip, "--out", str(tmp_path / f"out{i}.json"), data=data)
         assert not (tmp_path / f"out{i}.json").exists()
+
+
+def test_generation_that_stops_early_keeps_what_cut_answer_keeps():
+    """With stop, finished rows leave the batch; the answers cut_answer keeps equal those of a full-length run.
+    On SmolLM2, whose answers end in a newline at different lengths (a random tiny model rarely writes one)."""
+    model, tokenizer, _ = models.load_model("smollm2-135m")
+    prompts = [tqa.qa_prompt(q, "none") for q in ("What is the capital of France?", "Why is the sky blue?",
+                                                  "Who wrote Hamlet?", "What happens if you eat watermelon seeds?")]
+    full = evaluate.generate(model, tokenizer, prompts, 30, stop=False)
+    short = evaluate.generate(model, tokenizer, prompts, 30, stop=True)
+    assert [evaluate.cut_answer(t) for t in short] == [evaluate.cut_answer(t) for t in full]
+    assert all(f.startswith(s) for s, f in zip(short, full))
+    assert len({len(s) for s in short}) > 1 and any(len(s) < len(f) for s, f in zip(short, full)), short

@@ -56,6 +56,15 @@ def test_default_learning_rates_follow_the_paper():
     assert [ipo_edit.default_lr(k) for k in (1, 2, 16, 17, 270)] == [2e-3, 5e-4, 5e-4, 1e-4, 1e-4]
 
 
+def test_lr_scale_multiplies_the_papers_rate_and_lr_overrides_it(tmp_path):
+    data = write_fixture_csv(tmp_path / "t.csv", n=10)
+    common = ["--heads", "single:2.1", "--param", "offset", "--max-pairs", "4", "--max-val-pairs", "0", "--epochs", "1"]
+    out = run(tmp_path, data, *common, "--tau", "0.2", "--lr-scale", "3")
+    out = run(tmp_path, data, *common, "--tau", "0.3", "--lr-scale", "3", "--lr", "0.01")
+    lrs = [json.load(open(f"{out}ipo-single2.1-t{tau}.log.json"))["meta"]["lr"] for tau in (0.2, 0.3)]
+    assert lrs == [pytest.approx(3 * 2e-3), 0.01]
+
+
 # ---- Log-probs of the answers, in one padded batch
 
 @pytest.mark.parametrize("share", [True, False])
