@@ -38,9 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Wang & Veitch's sizes on a GPU (with ITI's alpha 15 in the grid); course sizes on a CPU, with 19 random ITI sets so
 # that a rank p-value can reach 0.05, and the model's own text for CE/KL (offline: no hub retries per evaluation)
 PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
-             max_pairs=None, max_questions=None, n_texts=100, text="auto")
-COURSE = dict(k=8, n_random=19, n_random_ipo=4, n_single=4, alphas=[5, 15], taus=[0.1, 0.5],
-              max_pairs=200, max_questions=40, n_texts=20, text="self")
+             max_pairs=None, max_val_pairs=128, lr_scale=1.0, max_questions=None, n_texts=100, text="auto")
+# On a CPU an IPO step of SmolLM2 takes ~1-2 s, so the course trains on 128 pairs (64 steps, not the paper's ~3,300)
+# with the paper's learning rates scaled 20x (AdamW moves a weight by about lr per step), at one tau.
+COURSE = dict(k=8, n_random=19, n_random_ipo=2, n_single=2, alphas=[5, 15], taus=[0.3],
+              max_pairs=128, max_val_pairs=32, lr_scale=20.0, max_questions=32, n_texts=8, text="self")
 
 
 def parse_args(argv=None):
@@ -63,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
     p.add_argument("--max-pairs", type=int, default=d["max_pairs"], help="IPO training pairs, a seeded subsample "
                    "(0: all, about 6,560; the default on a GPU)")
+    p.add_argument("--max-val-pairs", type=int, default=d["max_val_pairs"], help="IPO validation pairs")
+    p.add_argument("--lr-scale", type=float, default=d["lr_scale"], help="ipo_edit.py --lr-scale: the paper's "
+                   "learning rates times this (1 on a GPU; more for short CPU runs)")
     p.add_argument("--max-questions", type=int, default=d["max_questions"],
                    help="test questions evaluated (0: all 164; the default on a GPU)")
     p.add_argument("--n-texts", type=int, default=d["n_texts"], help="documents for CE/KL (ITI: 100)")
@@ -134,8 +139,9 @@ def edit_unit(args, method, spec):
                "--direction", "mass_mean", "--out", pattern, *shlex.split(args.iti_args)]
     else:
         fit = ["ipo_edit.py", *model_data_args(args), "--heads", spec, "--probe", probe, "--tau",
-               *map(value, grid), "--out", pattern, *(["--max-pairs", str(args.max_pairs)]
-                                                                if args.max_pairs else []), *shlex.split(args.ipo_args)]
+               *map(value, grid), "--out", pattern, *(["--max-pairs", str(args.max_pairs)] if args.max_pairs else []),
+               "--max-val-pairs", str(args.max_val_pairs), "--lr-scale", f"{args.lr_scale:g}",
+               *shlex.split(args.ipo_args)]
     results = [f"{args.out}/results/{os.path.basename(e)[:-len('.safetensors')]}.json" for e in edits]
     return {"name": f"{method} {spec}", "kind": method, "points": len(grid),
             "steps": [(fit, edits), (evaluate_command(args, edits), results)]}
