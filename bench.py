@@ -178,7 +178,7 @@ def row_capture(model, tok, args, device):
             "note": f"{len(prompts)} prompts, batch {args.batch_size}, max |diff| {(ours - ref).abs().max():.1e}"}
 
 
-# ---- 3. probes: one batched Newton problem vs scikit-learn, one head at a time (ITI's train_probes)
+# ---- 3. probes: one batched problem vs scikit-learn, one head at a time (ITI's train_probes)
 
 def synthetic_head_outputs(n, G, D, k, seed=0):
     """(head outputs [n, G, D] float16, labels [n], planted heads [k]). Each head's features spread 10^0 to 10^-1.2

@@ -2,7 +2,8 @@
 for Truth and Info, and CE / KL(original || edited) on unrelated text (method.md section 3).
 
 Reads:  --data TruthfulQA.csv; --edit files written by iti.py / ipo_edit.py (several: evaluated one after another with
-        the model loaded once; the word `none` stands for the unedited baseline); judges (any causal LM); --text.
+        the model loaded once; the word `none` stands for the unedited baseline); the judges (judges/*.safetensors,
+        or any causal LM); --text.
 Writes: --out NAME.json (metrics, the edit's metadata, settings, provenance) and NAME.jsonl beside it, one row per
         question (answer scores, MC1/2/3, the generation, judge probabilities), appended as questions complete: a killed
         run restarted with the same arguments resumes. With several edits --out is a folder: one NAME per edit file
@@ -48,8 +49,10 @@ parser.add_argument("--batch-size", type=int, default=32, help="questions per ge
 parser.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length limit")
 parser.add_argument("--judges", default="default", choices=["default", "none"],
                     help="none: skip Truth and Info (judge later with --judge-only)")
-parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"], help="judge.py file or causal LM")
-parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"], help="judge.py file or causal LM")
+parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"],
+                    help="judge file (written by train_judge.py; default: the committed one) or causal LM id/folder")
+parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"],
+                    help="judge file (written by train_judge.py; default: the committed one) or causal LM id/folder")
 parser.add_argument("--judge-device", default=None, help="device of the judges (default: --device)")
 parser.add_argument("--judge-only", action="store_true",
                     help="only judge saved generations: an earlier run (e.g. with --judges none) wrote NAME.json")

@@ -60,6 +60,18 @@ def test_fit_reaches_the_penalised_optimum():
         assert grad.abs().max() < 1e-3, (h, grad)
 
 
+def test_fit_in_chunks_and_the_iteration_guard(monkeypatch):
+    """Chunks of heads (the last one ragged) give the same probes as one batch; a fit stopped by max_iter says so."""
+    x, y = synthetic_heads(300, 12, 8, torch.linspace(0, 3, 12), seed=3)
+    accuracy, weights = probe.fit_probes(x[:200], y[:200], x[200:], y[200:])
+    monkeypatch.setattr(probe, "FIT_CHUNK_BYTES", 5 * 200 * 9 * 4)  # 5 heads of 200 examples x (8 + 1) features
+    chunked, chunked_weights = probe.fit_probes(x[:200], y[:200], x[200:], y[200:])
+    assert torch.equal(chunked, accuracy)
+    torch.testing.assert_close(chunked_weights, weights, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="12 of 12 probes did not converge within max_iter=1 iterations"):
+        probe.fit_probes(x[:200], y[:200], x[200:], y[200:], max_iter=1)
+
+
 def test_planted_signal_heads_rank_first():
     G, D = 20, 6
     signal = torch.zeros(G)
