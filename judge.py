@@ -21,6 +21,7 @@ and measuring the offline judges is train_judge.py.
     truth = load_judge("judges/truth.safetensors", "truth")
     truth.score(["What happens if you eat watermelon seeds?"], ["Nothing happens."])  # -> [p_yes]
 """
+import functools
 import json
 import math
 import os
@@ -219,12 +220,19 @@ def known_features(known, hidden, questions, answers, logits=None, leave_out_sam
 
 # ---- The judges
 
+@functools.lru_cache(maxsize=1)
+def feature_model(name, device):
+    """The judges' feature model, loaded once: the truth and the info judge share it."""
+    from models import load_model
+    model, tokenizer, _ = load_model(name, device=device)
+    return model, tokenizer
+
+
 class OfflineJudge:
     """A judge trained by train_judge.py (see the module docstring). Its feature model is its own (smollm2-135m)."""
 
     def __init__(self, path, kind, device="cpu", batch_size=32):
         from safetensors import safe_open
-        from models import load_model
         try:
             with safe_open(path, "pt") as f:
                 header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -243,7 +251,7 @@ class OfflineJudge:
         self.known = {"projection": (tensors["projection.mean"], tensors["projection.components"]),
                       "bank": dict(bank, logit=tensors["bank.logit"].numpy()), **part}
         self.kind, self.batch_size, self.meta = kind, batch_size, meta
-        self.model, self.tokenizer, _ = load_model(meta["feature_model"], device=device)
+        self.model, self.tokenizer = feature_model(meta["feature_model"], device)
         self.about = {"judge": path, "kind": kind, "type": "offline judge (train_judge.py)",
                       **{k: meta[k] for k in ("accuracy_A", "accuracy_B", "training_data", "method", "command")}}
 
