@@ -210,9 +210,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
     primer: make_primer's cache of the tokens every prompt starts with (run with the edit when apply is 'all'); the
     rest of each prompt is left-padded after it: [primer | pads | rest of prompt | generated]."""
     S, cache = primer_cache(primer, len(prompts))
-    rests = [ids[S:] for ids in tokenizer(prompts)["input_ids"]]
-    if primer is not None and any(ids[:S] != primer["ids"] for ids in tokenizer(prompts)["input_ids"]):
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    if primer is not None and any(ids[:S] != primer["ids"] for ids in prompt_ids):
         raise ValueError("generate: a prompt does not start with the primer's tokens")
+    rests = [ids[S:] for ids in prompt_ids]
     batch, seq = len(rests), max(map(len, rests))
     ids = torch.full((batch, seq), tokenizer.pad_token_id, dtype=torch.long)  # [batch, seq]
     mask = torch.zeros_like(ids)
@@ -376,8 +377,8 @@ def score_questions(model, tokenizer, questions, targets, args, skip):
     """MC and generation for every target, a chunk of --batch-size questions at a time, rows appended per chunk. The
     unedited prompt prefix of each question is computed once and shared by the baseline and every ITI edit."""
     prompts = [tqa.qa_prompt(q["question"], args.instruction) for q in questions]
-    n_primer = tqa.shared_prefix_length([tokenizer(p)["input_ids"] for p in prompts])
-    primer_ids, primers = tokenizer(prompts[0])["input_ids"][:n_primer], {}
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    primer_ids, primers = prompt_ids[0][:tqa.shared_prefix_length(prompt_ids)], {}
 
     def primer(t):
         """The prompts' common start, run once: unedited for the baseline and ITI edits, once per edit that reaches
@@ -416,10 +417,7 @@ def score_questions(model, tokenizer, questions, targets, args, skip):
 
 def judge_id(spec):
     """Which judge: its spec, and for a judge file its content's hash too (a retrained judge judges again)."""
-    if not os.path.isfile(spec):
-        return spec
-    with open(spec, "rb") as f:
-        return f"{spec}#{hashlib.sha256(f.read()).hexdigest()[:16]}"
+    return f"{spec}#{judge.checksum(spec)[:16]}" if os.path.isfile(spec) else spec
 
 
 def judge_rows(targets, args):
@@ -464,18 +462,22 @@ def write_result(t, questions, text_scores, judges_about, settings, args):
     print(f"{t['json']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(rows, text_scores).items() if v is not None))
 
 
-def finished(t, settings, use_judges, args):
+def finished(t, settings, judges):
     """True when an earlier run with these settings already wrote this edit's results (and judged them with the
-    same judges, if asked: the rows of a run judged by others are kept, and only judged again)."""
+    same judges, if asked: the rows of a run judged by others are kept, and only judged again).
+    judges: {kind: judge_id} of the judges asked for, or None (no judging)."""
     if not os.path.isfile(t["json"]):
         return False
     with open(t["json"]) as f:
         result = json.load(f)
-    judged = result["judges"] is not None and all(result["judges"][kind].get("id") == judge_id(spec) for kind, spec
-                                                  in (("truth", args.truth_judge), ("info", args.info_judge)))
-    done = result["settings"] == dict(settings, rows_key=t["key"]) and (judged or not use_judges)
-    print(f"{t['json']}: already done, skipped" if done else f"{t['json']}: made with other settings, redone")
-    return done
+    if result["settings"] != dict(settings, rows_key=t["key"]):
+        print(f"{t['json']}: made with other settings, redone")
+        return False
+    if judges and {kind: (result["judges"] or {}).get(kind, {}).get("id") for kind in judges} != judges:
+        print(f"{t['json']}: judged by other judges (or not at all), judged again")
+        return False
+    print(f"{t['json']}: already done, skipped")
+    return True
 
 
 def judge_only(args, targets, questions):
@@ -528,7 +530,8 @@ def main(argv=None):
         docs, settings["text"] = load_texts(args, model, tokenizer, model_about)
         settings["text"].update(max_tokens=args.text_tokens, apply="every token", kl="KL(original || edited), "
                                 "mean over the tokens that predict a next token")
-    targets = [t for t in targets if not finished(t, settings, use_judges, args)]
+    judges = {"truth": judge_id(args.truth_judge), "info": judge_id(args.info_judge)} if use_judges else None
+    targets = [t for t in targets if not finished(t, settings, judges)]
     if not targets:
         return
     score_questions(model, tokenizer, questions, targets, args, skip)

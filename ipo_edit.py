@@ -385,9 +385,10 @@ def main(argv=None):
         if val_enc else None
     meta = {"model": args.model, "fingerprint": heads.fingerprint(model), "method": "ipo", "head_spec": args.heads,
             "apply": "all", "seed": args.seed, "param": args.param,
-            "lr": args.lr or args.lr_scale * default_lr(len(head_list)), "epochs": args.epochs, "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs),
-            "n_val_pairs": len(val_pairs), "instruction": args.instruction, "warmup": args.warmup,
-            "model_note": about["note"], "run": models.run_info(args)}
+            "lr": args.lr or args.lr_scale * default_lr(len(head_list)), "epochs": args.epochs,
+            "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs), "n_val_pairs": len(val_pairs),
+            "instruction": args.instruction, "warmup": args.warmup, "model_note": about["note"],
+            "run": models.run_info(args)}
     for tau, path in todo:
         train_one_tau(model, head_list, tau, (train_enc, train_ref, val_enc, val_ref, pad_id), args, path, meta)
         print(f"tau={tau}: wrote {path}")

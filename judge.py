@@ -25,6 +25,7 @@ and measuring the offline judges is train_judge.py.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,12 @@ TEMPLATES = {"truth": tqa.JUDGE_TRUTH_TEMPLATE, "info": tqa.JUDGE_INFO_TEMPLATE}
 FEATURE_MODEL = "smollm2-135m"
 FEATURE_LAYERS = (6, 11)  # decoder layers (0-based) whose outputs are read; the pass stops after the last
 FEATURE_TEXT = "Q: {question}\nA: {answer}\nTrue:"  # one pass serves both judges
+
+
+def checksum(path):
+    """sha256 of a file: the judge-training data a judge file records, and which judge file scored a result."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ---- Features: the feature model's hidden states

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from judge import (FEATURE_LAYERS, FEATURE_MODEL, FEATURE_TEXT, SIMILARITY_LAYER, TEMPLATES, THRESHOLD, flat,
-                   hidden_features, known_features, make_bank, normalise, predict_logistic, predict_logit, project)
+from judge import (FEATURE_LAYERS, FEATURE_MODEL, FEATURE_TEXT, SIMILARITY_LAYER, TEMPLATES, THRESHOLD, checksum,
+                   feature_model, flat, hidden_features, known_features, make_bank, normalise, predict_logistic,
+                   predict_logit, project)
 
 
 def parse_args(argv=None):
@@ -70,11 +71,6 @@ def read_judge_set(path, kind):
                          "the TruthfulQA repository (data/finetune_{kind}.jsonl)") from None
     keys = sorted(votes)
     return [k[0] for k in keys], [k[1] for k in keys], np.array([np.mean(votes[k]) for k in keys], np.float32)
-
-
-def checksum(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ---- The classifier: L2-regularised logistic regression on standardised features (soft targets = share of yes)
@@ -197,7 +193,7 @@ def save_judge(path, kind, known, unknown, about):
 def cached_hidden_features(questions, answers, cache, batch_size):
     """hidden_features of every pair, computed in chunks of 512 (in a seeded random order, so any finished prefix is
     a random sample) and cached under `cache`: an interrupted run resumes. -> [n, layers, 2, hidden]"""
-    from models import load_model, write_atomic
+    from models import write_atomic
     pairs = [[q, a] for q, a in zip(questions, answers)]
     key = hashlib.sha256(json.dumps([FEATURE_MODEL, FEATURE_LAYERS, FEATURE_TEXT, pairs]).encode()).hexdigest()[:12]
     folder = os.path.join(cache, key)
@@ -209,7 +205,7 @@ def cached_hidden_features(questions, answers, cache, batch_size):
         path = os.path.join(folder, f"feat_{c:03d}.npy")
         if not os.path.exists(path):
             if model is None:
-                model, tokenizer, _ = load_model(FEATURE_MODEL)
+                model, tokenizer = feature_model(FEATURE_MODEL, "cpu")
             features = hidden_features(model, tokenizer, [questions[i] for i in rows], [answers[i] for i in rows],
                                        batch_size)
             write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), features))
