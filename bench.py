@@ -27,6 +27,7 @@ import torch
 
 import heads
 import models
+import runfiles
 import tqa
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,7 +415,7 @@ def main(argv=None):
     rows = [row for row in (ROWS[s](model, tok, args, args.device) for s in stages) if row is not None]
     print_table(rows, header)
     if args.json:
-        models.write_json(args.json, {"header": header, "rows": rows, "run": models.run_info(args)})
+        runfiles.write_json(args.json, {"header": header, "rows": rows, "run": runfiles.run_info(args)})
     return rows
 
 

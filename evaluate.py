@@ -28,6 +28,7 @@ from tqdm import tqdm
 import heads
 import judge
 import models
+import runfiles
 import tqa
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,7 +308,7 @@ def self_texts(args, model, tokenizer, model_about):
         batch = prompts[i:i + 16]
         docs += [p + t for p, t in zip(batch, generate(model, tokenizer, batch, args.text_tokens,
                                                          generator=generator, stop=False))]
-    models.write_json(path, docs)
+    runfiles.write_json(path, docs)
     return docs, about
 
 
@@ -370,7 +371,7 @@ def append_rows(path, rows):
 
 
 def rewrite_rows(path, rows):
-    models.write_atomic(path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
+    runfiles.write_atomic(path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def score_questions(model, tokenizer, questions, targets, args, skip):
@@ -455,10 +456,10 @@ def metrics(rows, text_scores):
 
 def write_result(t, questions, text_scores, judges_about, settings, args):
     rows = [t["rows"][q["question"]] for q in questions]
-    models.write_json(t["json"], {"metrics": metrics(rows, text_scores), "edit": t["meta"], "edit_file": t["edit_file"],
+    runfiles.write_json(t["json"], {"metrics": metrics(rows, text_scores), "edit": t["meta"], "edit_file": t["edit_file"],
                                   "apply": t["apply"], "settings": dict(settings, rows_key=t["key"]),
                                   "judges": judges_about,
-                                  "run": models.run_info(args)})
+                                  "run": runfiles.run_info(args)})
     print(f"{t['json']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(rows, text_scores).items() if v is not None))
 
 
@@ -497,8 +498,8 @@ def judge_only(args, targets, questions):
         r = t["result"]
         text = {k: r["metrics"][k] for k in ("ce", "kl")}
         r.update(metrics=metrics([t["rows"][q["question"]] for q in questions], text), judges=abouts)
-        r["run_judges"] = models.run_info(args)
-        models.write_json(t["json"], r)
+        r["run_judges"] = runfiles.run_info(args)
+        runfiles.write_json(t["json"], r)
         print(f"{t['json']}: truth {r['metrics']['truth']:.4g}, info {r['metrics']['info']:.4g}")
 
 

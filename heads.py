@@ -161,7 +161,7 @@ def edit_start(apply, stage, first_position):
 
 def save_edit(path, edit):
     from safetensors.torch import save_file
-    from models import write_atomic
+    from runfiles import write_atomic
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in
                [("head_mask", edit.head_mask.to(torch.uint8)), ("offset", edit.offset), ("a", edit.a), ("b", edit.b)]
                if v is not None}

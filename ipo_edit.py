@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import heads
 import models
+import runfiles
 import tqa
 
 
@@ -182,7 +183,7 @@ def reference_logps(model, encoded, pad_id, args, key, cache_dir, what):
     ref = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
     about = {"model": args.model, "data": str(args.data), "seed": str(args.seed), "instruction": args.instruction,
              "logp": args.logp, "n_pairs": str(len(encoded)), "what": what}
-    models.write_atomic(path, lambda tmp: save_file(ref, tmp, metadata=about))
+    runfiles.write_atomic(path, lambda tmp: save_file(ref, tmp, metadata=about))
     return ref["chosen"], ref["rejected"]
 
 
@@ -287,7 +288,7 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
     bar.close()
     edit.meta.update(meta, tau=tau, final=log["epochs"][-1])
     heads.save_edit(path, edit)
-    models.write_json(path.removesuffix(".safetensors") + ".log.json", dict(log, edit=path, meta=edit.meta))
+    runfiles.write_json(path.removesuffix(".safetensors") + ".log.json", dict(log, edit=path, meta=edit.meta))
     return log
 
 
@@ -388,7 +389,7 @@ def main(argv=None):
             "lr": args.lr or args.lr_scale * default_lr(len(head_list)), "epochs": args.epochs,
             "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs), "n_val_pairs": len(val_pairs),
             "instruction": args.instruction, "warmup": args.warmup, "model_note": about["note"],
-            "run": models.run_info(args)}
+            "run": runfiles.run_info(args)}
     for tau, path in todo:
         train_one_tau(model, head_list, tau, (train_enc, train_ref, val_enc, val_ref, pad_id), args, path, meta)
         print(f"tau={tau}: wrote {path}")

@@ -24,6 +24,7 @@ import torch
 
 import heads
 import models
+import runfiles
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--probe", required=True, help="probe run folder written by probe.py, e.g. runs/smollm2/probe")
@@ -88,7 +89,7 @@ def main(argv=None):
             "model": meta["model"], "fingerprint": meta["fingerprint"], "method": "iti", "head_spec": args.heads,
             "apply": "iti", "seed": meta["seed"], "alpha": alpha, "direction": args.direction, "k": len(chosen),
             "probe": os.path.abspath(args.probe), "prompt_format": meta.get("prompt_format"),
-            "run": models.run_info(args)})
+            "run": runfiles.run_info(args)})
         heads.save_edit(path, edit)
         print(f"wrote {path}: ITI at {len(chosen)} heads ({args.heads}), alpha {alpha:g}, {args.direction} direction")
 

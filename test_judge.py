@@ -14,7 +14,6 @@ import judge
 import models
 import train_judge
 import tqa
-from test_smoke import SHARED_CSV, needs_shared
 
 torch.set_num_threads(1)
 
@@ -160,11 +159,10 @@ def test_an_answer_the_judge_set_labels_keeps_its_label(offline):
     assert got == [0.0, 1.0]
 
 
-@needs_shared
 def test_reference_answers_of_new_questions_are_judged_well_above_chance(offline):
     """On questions the unknown-question classifier never saw (train_judge.kept_out_of_unknown), scored without the
     bank: the reference correct answers should be judged true, the incorrect ones false."""
-    rows = [r for r in tqa.load_truthfulqa(SHARED_CSV) if train_judge.kept_out_of_unknown(r["question"])][:12]
+    rows = [r for r in tqa.load_truthfulqa(tqa.DEFAULT_DATA) if train_judge.kept_out_of_unknown(r["question"])][:12]
     questions = [r["question"] for r in rows for _ in r["correct"] + r["incorrect"]]
     answers = [a for r in rows for a in r["correct"] + r["incorrect"]]
     labels = np.array([x for r in rows for x in [1.0] * len(r["correct"]) + [0.0] * len(r["incorrect"])])
@@ -204,14 +202,13 @@ def evaluate_on(tmp_path, model, n_questions, judges):
     out = tmp_path / f"{model}.json"
     (tmp_path / "docs.txt").write_text("The river runs through the old town and past the market.\n\nTo bake a simple "
                                        "loaf of bread, mix flour, water, salt and yeast, then let it rise.")
-    evaluate.main(["--model", model, "--data", SHARED_CSV, "--split", "test", "--max-questions", str(n_questions),
+    evaluate.main(["--model", model, "--data", tqa.DEFAULT_DATA, "--split", "test", "--max-questions", str(n_questions),
                    "--text", str(tmp_path / "docs.txt"), "--judges", judges, "--max-new-tokens", "24",
                    "--out", str(out)])
     with open(out) as f:
         return json.load(f)
 
 
-@needs_shared
 def test_default_model_on_50_questions_is_far_from_random_and_judged(tmp_path):
     """SmolLM2-135M-Instruct on 50 test questions: its MC2 and CE are those of a model that knows English, far
     from a random tiny model's on the same questions; Truth and Info come from the offline judges."""

@@ -12,6 +12,7 @@ import pytest
 
 import heads
 import models
+import runfiles
 import plot
 
 GEO = heads.Geometry(6, 8, 16)
@@ -23,7 +24,7 @@ def result_file(path, metrics, edit, judged):
     if not judged:
         metrics.update(truth=None, info=None)
     metrics["info_truth"] = None if metrics["truth"] is None else metrics["truth"] * metrics["info"]
-    models.write_json(path, {"metrics": metrics, "edit": edit, "edit_file": None if edit is None else "x.safetensors",
+    runfiles.write_json(path, {"metrics": metrics, "edit": edit, "edit_file": None if edit is None else "x.safetensors",
                              "apply": edit["apply"] if edit else None, "settings": {"split": "test"},
                              "judges": {"truth": "fake"} if judged else None, "run": {"args": {"model": "fake-7b"}}})
 
@@ -40,7 +41,7 @@ def write_fake_sweep(run, k=4, n_random=19, n_single=6, alphas=(5, 10, 15), taus
     os.makedirs(f"{run}/probe", exist_ok=True)
     from safetensors.numpy import save_file
     save_file({"accuracy": accuracy}, f"{run}/probe/probe.safetensors")
-    models.write_json(f"{run}/probe/probe.json", {"geometry": vars(GEO), "ranking": ranking, "model": "fake-7b"})
+    runfiles.write_json(f"{run}/probe/probe.json", {"geometry": vars(GEO), "ranking": ranking, "model": "fake-7b"})
     result_file(f"{run}/results/baseline.json", BASELINE, None, judged)
     specs = {"iti": [("top:%d" % k, iti_strength)] + [(f"random:{k}:{s}", rng.uniform()) for s in range(n_random)],
              "ipo": [("top:%d" % k, ipo_strength)] + [(f"random:{k}:{s}", rng.uniform()) for s in range(n_random)]

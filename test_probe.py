@@ -15,7 +15,6 @@ import heads
 import models
 import probe
 import tqa
-from test_smoke import write_fixture_csv
 
 torch.set_num_threads(1)
 
@@ -103,8 +102,8 @@ def test_mass_mean_direction_and_sigma_by_hand():
     assert torch.equal(again["random"], directions["random"])
 
 
-def test_probe_examples(tmp_path):
-    questions = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=10))
+def test_probe_examples(tmp_path, fixture_csv):
+    questions = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", n=10))
     examples, sizes = probe.probe_examples(questions, 0, "random_question")
     split = tqa.split_questions(questions, 0)
     assert sizes == {"n_train_questions": 6, "n_val_questions": 2, "n_train_examples": 30, "n_val_examples": 10}
@@ -124,8 +123,8 @@ def test_probe_examples(tmp_path):
     assert (sizes["n_train_questions"], sizes["n_val_questions"]) == (3, 1)
 
 
-def test_one_class_and_empty_splits_are_refused(tmp_path):
-    questions = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=10))
+def test_one_class_and_empty_splits_are_refused(tmp_path, fixture_csv):
+    questions = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", n=10))
     examples, _ = probe.probe_examples(questions, 0, "plain")
     for e in examples:
         if e["split"] == "val":
@@ -133,7 +132,7 @@ def test_one_class_and_empty_splits_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="every val answer is correct \\(questions"):
         probe.check_labels(examples, questions)
     with pytest.raises(SystemExit, match="val split of 2 questions is empty"):
-        probe.main(["--model", "tiny-llama", "--data", write_fixture_csv(tmp_path / "two.csv", n=2),
+        probe.main(["--model", "tiny-llama", "--data", fixture_csv(tmp_path / "two.csv", n=2),
                     "--out", str(tmp_path / "p")])
     with pytest.raises(SystemExit, match="no such file"):
         probe.main(["--model", "tiny-llama", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "p")])
@@ -142,8 +141,8 @@ def test_one_class_and_empty_splits_are_refused(tmp_path):
                     "--max-questions", "1"])
 
 
-def test_end_to_end_tiny_llama_cache_reuse_refusal_and_resume(tmp_path, monkeypatch):
-    data = write_fixture_csv(tmp_path / "t.csv", n=10)
+def test_end_to_end_tiny_llama_cache_reuse_refusal_and_resume(tmp_path, monkeypatch, fixture_csv):
+    data = fixture_csv(tmp_path / "t.csv", n=10)
     out = str(tmp_path / "run" / "probe")
     probe.main(["--model", "tiny-llama", "--data", data, "--out", out, "--batch-size", "4"])
     model, tok, _ = models.load_model("tiny-llama")

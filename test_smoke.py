@@ -13,28 +13,7 @@ import models
 import tqa
 
 torch.set_num_threads(1)
-SHARED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "TruthfulQA.csv")
-needs_shared = pytest.mark.skipif(not os.path.isfile(SHARED_CSV), reason="../shared/data/TruthfulQA.csv is absent")
 ARCHS = list(models.TINY_CONFIGS)
-
-
-def write_fixture_csv(path, n=10, drop_column=None):
-    """A small TruthfulQA-format CSV: question i has 2 correct and 3 incorrect answers (one already closed)."""
-    columns = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
-    columns = [c for c in columns if c != drop_column]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for i in range(n):
-            w.writerow({"Type": "Adversarial", "Category": f"Cat{i % 3}", "Question": f"What is fact {i}?",
-                        "Best Answer": f"Fact {i} is true", "Correct Answers": f"Fact {i} is true; It is {i}.;  ",
-                        "Incorrect Answers": f"Fact {i} is false; It is {i + 1}; Nobody knows", "Source": "x"})
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return {name: models.load_model(name) for name in ARCHS}
 
 
 def encode(tok, texts, side="right"):
@@ -218,10 +197,10 @@ def test_head_specs(tmp_path):
 
 # ---- tqa.py
 
-def test_answers_are_closed_like_truthfulqa(tmp_path):
+def test_answers_are_closed_like_truthfulqa(tmp_path, fixture_csv):
     assert tqa.split_answers("Nothing happens; It is.;  ; You die") == ["Nothing happens.", "It is.", "You die."]
     assert tqa.close_answer(" Nothing happens ") == "Nothing happens."
-    rows = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv"))
+    rows = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv"))
     assert rows[0]["best"] == "Fact 0 is true." and rows[0]["correct"] == ["Fact 0 is true.", "It is 0."]
     assert rows[0]["incorrect"] == ["Fact 0 is false.", "It is 1.", "Nobody knows."]
 
@@ -234,8 +213,8 @@ def test_prompts_match_truthfulqa_strings():
     assert tqa.qa_prompt("Why?", "informative").endswith("common myths.\n\n" + p)
 
 
-def test_split_is_deterministic_disjoint_and_60_20_20(tmp_path):
-    rows = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=50))
+def test_split_is_deterministic_disjoint_and_60_20_20(tmp_path, fixture_csv):
+    rows = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", n=50))
     s = tqa.split_questions(rows, seed=3)
     assert s == tqa.split_questions(rows, seed=3) and s != tqa.split_questions(rows, seed=4)
     assert [len(s[k]) for k in ("train", "val", "test")] == [30, 10, 10]
@@ -245,27 +224,26 @@ def test_split_is_deterministic_disjoint_and_60_20_20(tmp_path):
     assert len(tqa.load_split(str(tmp_path / "t.csv"), 3, "train+val")) == 40
 
 
-def test_pairs_are_every_correct_incorrect_combination(tmp_path):
-    rows = tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", n=4))
+def test_pairs_are_every_correct_incorrect_combination(tmp_path, fixture_csv):
+    rows = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", n=4))
     pairs = tqa.preference_pairs(rows)
     assert len(pairs) == 4 * 2 * 3
     assert {"question": "What is fact 1?", "chosen": "It is 1.", "rejected": "Nobody knows."} in pairs
 
 
-def test_bad_data_is_refused_with_a_sentence(tmp_path):
+def test_bad_data_is_refused_with_a_sentence(tmp_path, fixture_csv):
     with pytest.raises(SystemExit, match="lacks the column.*Incorrect Answers"):
-        tqa.load_truthfulqa(write_fixture_csv(tmp_path / "t.csv", drop_column="Incorrect Answers"))
+        tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", drop_column="Incorrect Answers"))
     with pytest.raises(SystemExit, match="no such file"):
         tqa.load_truthfulqa(str(tmp_path / "missing.csv"))
     with pytest.raises(SystemExit, match="is empty"):
-        tqa.load_split(write_fixture_csv(tmp_path / "two.csv", n=2), 0, "val")
+        tqa.load_split(fixture_csv(tmp_path / "two.csv", n=2), 0, "val")
     with pytest.raises(SystemExit, match="unknown split"):
-        tqa.load_split(write_fixture_csv(tmp_path / "t.csv"), 0, "dev")
+        tqa.load_split(fixture_csv(tmp_path / "t.csv"), 0, "dev")
 
 
-@needs_shared
 def test_real_truthfulqa_csv():
-    rows = tqa.load_truthfulqa(SHARED_CSV)
+    rows = tqa.load_truthfulqa(tqa.DEFAULT_DATA)
     assert len(rows) == 817 and len({r["category"] for r in rows}) == 38
     assert all(r["best"] in r["correct"] for r in rows)  # once closed, the best answer is a correct answer
     s = tqa.split_questions(rows, seed=0)

@@ -10,10 +10,12 @@ import os
 import pytest
 import torch
 
+import tqa
+
 import heads
 import models
+import runfiles
 import sweep
-import test_smoke
 
 torch.set_num_threads(1)
 STAGES = ["probe.py", "iti.py", "ipo_edit.py", "evaluate.py"]
@@ -21,7 +23,7 @@ METRIC_KEYS = {"mc1", "mc2", "mc3", "truth", "info", "info_truth", "ce", "kl", "
 
 
 def write_probe_json(run, geo=heads.Geometry(3, 4, 16)):
-    models.write_json(f"{run}/probe/probe.json", {"geometry": vars(geo), "ranking": [[0, 0], [1, 1], [2, 2]]})
+    runfiles.write_json(f"{run}/probe/probe.json", {"geometry": vars(geo), "ranking": [[0, 0], [1, 1], [2, 2]]})
     open(f"{run}/probe/probe.safetensors", "w").close()  # the plan only checks that it exists
 
 
@@ -62,8 +64,8 @@ def test_bad_arguments_are_refused_with_a_sentence(tmp_path):
 
 @pytest.mark.skipif(not all(os.path.isfile(os.path.join(sweep.HERE, s)) for s in STAGES),
                     reason="a stage script has not landed yet")
-def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
-    run, data = str(tmp_path / "run"), test_smoke.write_fixture_csv(tmp_path / "tqa.csv", n=15)
+def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
+    run, data = str(tmp_path / "run"), fixture_csv(tmp_path / "tqa.csv", n=15)
     argv = ["--model", "tiny-llama", "--data", data, "--out", run, "--k", "2", "--n-random", "2", "--n-random-ipo",
             "1", "--n-single", "1", "--alphas", "5", "--taus", "0.1", "--max-pairs", "8", "--judges", "none",
             "--n-texts", "2", "--eval-args", "--max-new-tokens 4 --text-tokens 8", "--ipo-args", "--max-val-pairs 4"]

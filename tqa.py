@@ -1,11 +1,15 @@
 """tqa.py - TruthfulQA for every script: the exact prompt strings, loading, the question split, preference pairs.
 
-Loads the official CSV (`--data path/to/TruthfulQA.csv`) or the hub copy (`truthfulqa/truthful_qa`, config
-`generation`). Answers are formed as TruthfulQA's own code forms them: split on ';', strip, drop blanks, and close
+Loads the CSV shipped in data/ (TruthfulQA's original "v0" answer sets, the default), any TruthfulQA-format CSV
+(`--data path/to/file.csv`, its version named in every output), or the hub copy (`--data hub`:
+`truthfulqa/truthful_qa`, config `generation`). Question text is kept exactly as the file has it (one question ends
+in a space, and its answer scores depend on it). Answers are formed as TruthfulQA's own code forms them: split on ';', strip, drop blanks, and close
 every answer with a period (`split_multi_answer(close=True)`, `format_best`). The split is by question, 60/20/20,
 a pure function of the seed and the question list, so every script that takes the same --seed gets the same split.
 """
 import csv
+import functools
+import hashlib
 import os
 
 import numpy as np
@@ -36,6 +40,10 @@ JUDGE_TRUTH_TEMPLATE = "Q: {question}\nA: {answer}\nTrue:"
 JUDGE_INFO_TEMPLATE = "Q: {question}\nA: {answer}\nHelpful:"
 
 HUB_DATASET = ("truthfulqa/truthful_qa", "generation")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEFAULT_DATA = os.path.join(DATA_DIR, "TruthfulQA.csv")  # shipped: the original answer sets, 817 questions
+V0_SHA256 = "99d6ae7755e3b435eade956068c9de7c0c474770344237aeb66b56519ba4b697"
+V0_ROWS = 817
 CSV_COLUMNS = ("Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train (probes, preference pairs), validation (probe ranking), test (evaluation)
 
@@ -63,39 +71,71 @@ def split_answers(field):
 
 
 def _record(category, question, best, correct, incorrect):
-    return {"category": category, "question": question.strip(), "best": close_answer(best),
+    return {"category": category, "question": question, "best": close_answer(best),
             "correct": split_answers(correct), "incorrect": split_answers(incorrect)}
 
 
-def load_truthfulqa(data=None):
-    """All questions as dicts {category, question, best, correct: [...], incorrect: [...]}, in file order.
+@functools.lru_cache(maxsize=8)
+def _sha256(path, mtime):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
-    `data`: path to the official TruthfulQA.csv, or None for the hub copy (needs network)."""
-    if data:
-        if not os.path.isfile(data):
-            raise SystemExit(f"--data {data}: no such file; pass the official TruthfulQA.csv "
-                             "(https://github.com/sylinrl/TruthfulQA/blob/main/TruthfulQA.csv)")
+
+def data_version(data=DEFAULT_DATA):
+    """Which TruthfulQA a --data value is: {'data', 'version', 'sha256'}; 'v0' is the original answer sets (the
+    shipped file, the hub copy, lm-evaluation-harness), 'other' any other file (numbers not comparable with v0)."""
+    if data in (None, "hub"):
+        return {"data": "hub", "version": "v0 (hub: truthfulqa/truthful_qa)", "sha256": None}
+    if not os.path.isfile(data):
+        return {"data": data, "version": "missing", "sha256": None}
+    digest = _sha256(os.path.abspath(data), os.path.getmtime(data))
+    return {"data": data, "version": "v0" if digest == V0_SHA256 else "other", "sha256": digest}
+
+
+def _read_csv(data):
+    try:
         with open(data, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise SystemExit(f"--data {data} lacks the column(s) {', '.join(missing)}; a TruthfulQA CSV has "
                                  f"{', '.join(CSV_COLUMNS)} (plus Type, Source)")
-            rows = [_record(r["Category"], r["Question"], r["Best Answer"], r["Correct Answers"],
-                            r["Incorrect Answers"]) for r in reader if r["Question"].strip()]
+            return [_record(r["Category"], r["Question"], r["Best Answer"], r["Correct Answers"],
+                            r["Incorrect Answers"]) for r in reader if (r["Question"] or "").strip()]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"--data {data} is not a UTF-8 CSV ({type(e).__name__}); pass a TruthfulQA-format CSV such "
+                         f"as the shipped {os.path.relpath(DEFAULT_DATA)}") from None
+
+
+def load_truthfulqa(data=DEFAULT_DATA):
+    """All questions as dicts {category, question, best, correct: [...], incorrect: [...]}, in file order.
+
+    `data`: a TruthfulQA-format CSV (default: the shipped v0 file), or 'hub' (or None) for the hub copy."""
+    if data not in (None, "hub"):
+        if not os.path.isfile(data):
+            raise SystemExit(f"--data {data}: no such file; leave --data out for the shipped "
+                             f"{os.path.relpath(DEFAULT_DATA)}, or pass a TruthfulQA-format CSV, or --data hub")
+        rows = _read_csv(data)
     else:
         try:
             from datasets import load_dataset
             hub = load_dataset(*HUB_DATASET, split="validation")
         except Exception as e:  # offline, or the hub moved: say which flag fixes it
-            raise SystemExit(f"could not load TruthfulQA from the hub ({type(e).__name__}); pass --data "
-                             "path/to/TruthfulQA.csv (the official file: "
-                             "https://github.com/sylinrl/TruthfulQA/blob/main/TruthfulQA.csv)") from None
+            raise SystemExit(f"could not load TruthfulQA from the hub ({type(e).__name__}); leave --data out to use "
+                             f"the shipped copy ({os.path.relpath(DEFAULT_DATA)}, the same v0 answer sets)") from None
         rows = [_record(r["category"], r["question"], r["best_answer"], r["correct_answers"],
                         r["incorrect_answers"]) for r in hub]
     rows = [r for r in rows if r["correct"] and r["incorrect"]]  # a question needs both kinds to be scored
     if not rows:
         raise SystemExit(f"--data {data or HUB_DATASET[0]}: no question with both correct and incorrect answers")
+    seen = {}
+    for i, r in enumerate(rows):  # a question twice would be scored twice and move every mean
+        seen.setdefault(r["question"].strip(), []).append(i)
+    twice = [rows_ for rows_ in seen.values() if len(rows_) > 1]
+    if twice:
+        where = "; ".join(f"rows {', '.join(str(i + 2) for i in rows_)}" for rows_ in twice[:5])
+        raise SystemExit(f"--data {data}: {len(twice)} question(s) appear more than once ({where}, counting the "
+                         "header as row 1); remove the duplicates")
     return rows
 
 
@@ -142,6 +182,7 @@ def preference_pairs(questions):
 
 
 def add_data_args(parser):
-    parser.add_argument("--data", default=None,
-                        help="TruthfulQA CSV in the official format (default: the hub's truthfulqa/truthful_qa)")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="a TruthfulQA-format CSV (default: the shipped data/TruthfulQA.csv, the original v0 "
+                        "answer sets), or 'hub' for truthfulqa/truthful_qa from the Hugging Face hub")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 60/20/20 question split (and of sampling)")

@@ -171,7 +171,7 @@ def cross_validate(kind, questions, answers, p_yes, hidden, args):
 
 def save_judge(path, kind, known, unknown, about):
     from safetensors.torch import save_file
-    from models import write_atomic
+    from runfiles import write_atomic
     bank = known["bank"]
     questions = sorted(set(bank["questions"]))
     index = {q: i for i, q in enumerate(questions)}
@@ -193,7 +193,7 @@ def save_judge(path, kind, known, unknown, about):
 def cached_hidden_features(questions, answers, cache, batch_size):
     """hidden_features of every pair, computed in chunks of 512 (in a seeded random order, so any finished prefix is
     a random sample) and cached under `cache`: an interrupted run resumes. -> [n, layers, 2, hidden]"""
-    from models import write_atomic
+    from runfiles import write_atomic
     pairs = [[q, a] for q, a in zip(questions, answers)]
     key = hashlib.sha256(json.dumps([FEATURE_MODEL, FEATURE_LAYERS, FEATURE_TEXT, pairs]).encode()).hexdigest()[:12]
     folder = os.path.join(cache, key)
@@ -223,7 +223,7 @@ def kept_out_of_unknown(question):
 
 
 def main(argv=None):
-    from models import run_info
+    from runfiles import run_info
     args = parse_args(argv)
     run = run_info(args)
     if argv is not None:  # called from Python (a test): record the command a user would type
