@@ -190,6 +190,13 @@ def load_edit(path, model):
 
 # ---- Head specs: top:K, random:K:SEED, single:L.H, all, or L.H,L.H,...
 
+def spec_name(spec):
+    """The one file-name form of a head spec, used by every script: top:16 -> top16, random:16:3 -> random16-3,
+    single:12.7 -> single12.7, all -> all, 12.7,3.1 -> 12.7_3.1."""
+    kind, _, rest = spec.partition(":")
+    return kind + rest.replace(":", "-") if rest else spec.replace(",", "_")
+
+
 def format_heads(heads):
     return [f"{l}.{h}" for l, h in heads]
 

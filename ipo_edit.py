@@ -242,8 +242,7 @@ def out_path(out, tau, head_spec, n_taus):
     if "{tau}" in out:
         return out.format(tau=tau)
     if out.endswith("/") or os.path.isdir(out):
-        tag = head_spec.replace(":", "", 1).replace(":", "-").replace(",", "_")
-        return os.path.join(out, f"ipo-{tag}-t{tau}.safetensors")
+        return os.path.join(out, f"ipo-{heads.spec_name(head_spec)}-t{tau}.safetensors")
     if n_taus > 1:
         raise SystemExit(f"--out {out} names one file but --tau has {n_taus} values: pass a folder (ending in /) or a "
                          "pattern with {tau}, e.g. RUN/edits/ipo-top16-t{tau}.safetensors")

@@ -56,15 +56,9 @@ def iti_offset(direction, sigma, head_mask, alpha):
     return alpha * sigma[..., None] * direction * head_mask[..., None].to(direction.dtype)
 
 
-def spec_name(spec):
-    """A file-name form of a head spec: top:16 -> top16, random:16:3 -> random16-3, 12.7,3.1 -> 12.7-3.1."""
-    kind, _, rest = spec.partition(":")
-    return kind + rest.replace(":", "-") if rest else spec.replace(",", "-")
-
-
 def out_paths(args):
     template = args.out or os.path.join(os.path.dirname(os.path.abspath(args.probe.rstrip("/"))), "edits",
-                                        f"iti-{spec_name(args.heads)}"
+                                        f"iti-{heads.spec_name(args.heads)}"
                                         f"{'' if args.direction == 'mass_mean' else '-' + args.direction}"
                                         "-a{alpha}.safetensors")
     if len(args.alpha) > 1 and "{alpha}" not in template:

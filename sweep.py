@@ -113,10 +113,6 @@ def parse_args(argv=None):
 
 # ---- The plan: units of work, each a list of (command, the files it writes)
 
-def slug(spec):
-    return spec.replace(":", "-").replace(",", "_")
-
-
 def model_data_args(args):
     return ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--seed", str(args.seed)] + (
         ["--data", args.data] if args.data else [])
@@ -133,7 +129,7 @@ def edit_unit(args, method, spec):
     """Fit the edits of one head set over the grid, then evaluate them."""
     probe = f"{args.out}/probe"
     grid, letter = (args.alphas, "a") if method == "iti" else (args.taus, "t")
-    pattern = f"{args.out}/edits/{method}-{slug(spec)}-{letter}{{{'alpha' if method == 'iti' else 'tau'}}}.safetensors"
+    pattern = f"{args.out}/edits/{method}-{heads.spec_name(spec)}-{letter}{{{'alpha' if method == 'iti' else 'tau'}}}.safetensors"
     value = (lambda g: f"{g:g}") if method == "iti" else (lambda g: str(float(g)))  # as each script names its files
     edits = [pattern.format(alpha=value(g), tau=value(g)) for g in grid]
     if method == "iti":
