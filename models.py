@@ -50,8 +50,66 @@ def add_model_args(parser):
                         help="cpu, cuda, cuda:1, or auto (device_map=auto across GPUs, needs accelerate)")
 
 
+BUILT_IN = [DEFAULT_MODEL, *TINY_CONFIGS]
+
+
+def check_model_name(name):
+    """Refuse, before any loading, a --model that cannot be what the user meant: a misspelt built-in name, a local
+    path that does not exist or holds no model. A hub id (owner/name) passes: from_pretrained decides."""
+    import difflib
+    if name in BUILT_IN:
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise SystemExit(f"--model {name}: the folder holds no config.json; pass a folder written by "
+                             "save_pretrained, a hub id, or a built-in name: " + ", ".join(BUILT_IN))
+        return
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") != 1
+    if looks_local or os.path.exists(name):
+        raise SystemExit(f"--model {name}: no such folder; pass a folder written by save_pretrained, a hub id "
+                         "(owner/name), or a built-in name: " + ", ".join(BUILT_IN))
+    close = difflib.get_close_matches(name, BUILT_IN, n=1, cutoff=0.8)
+    if close:
+        raise SystemExit(f"--model {name} is not a built-in name (did you mean {close[0]}?). Built-in: "
+                         + ", ".join(BUILT_IN))
+    if not hub_reachable() and not _in_hub_cache(name):
+        raise SystemExit(f"--model {name} is not a built-in name or a local folder, and the Hugging Face hub cannot "
+                         "be reached to fetch it: pass a local folder (written by save_pretrained) or a built-in "
+                         "name: " + ", ".join(BUILT_IN))
+
+
+def _in_hub_cache(name):
+    """True when the hub's local cache already holds this model's config (it then loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # a malformed id, or an old huggingface_hub
+        return False
+
+
+def check_device(device):
+    """Refuse a --device this torch cannot use, with the fix, before loading anything."""
+    if device in ("cpu", "auto"):
+        if device == "auto" and not torch.cuda.is_available():
+            raise SystemExit("--device auto spreads a model over GPUs, and this torch sees none: use --device cpu")
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"--device {device} is not a device name: use cpu, cuda, cuda:1, mps or auto") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch ({torch.__version__}) has no usable CUDA device; use "
+                         "--device cpu, or install a CUDA build of torch")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: MPS is not available here; use --device cpu")
+
+
 def load_model(name=DEFAULT_MODEL, dtype="float32", device="cpu"):
     """(model, tokenizer, about): the model in eval mode with frozen weights; `about` says what was loaded."""
+    check_model_name(name)
+    check_device(device)
     torch_dtype = getattr(torch, dtype)
     if name in TINY_CONFIGS:
         model, tokenizer = _tiny(name)
