@@ -93,17 +93,6 @@ def parse_args(argv=None):
     args.methods = args.methods.split(",")
     if not set(args.methods) <= {"iti", "ipo"}:
         raise SystemExit(f"--methods {','.join(args.methods)}: choose iti, ipo, or iti,ipo")
-    if args.claimed:  # the random sets must match the claimed set's size
-        kind, _, rest = args.claimed.partition(":")
-        try:
-            size = int(rest.split(":")[0]) if kind in ("top", "random") else 1 if kind == "single" else len(
-                [int(x) for h in args.claimed.split(",") for x in h.split(".")]) // 2
-        except ValueError:
-            raise SystemExit(f"--claimed {args.claimed} is malformed: use top:K, random:K:SEED, single:L.H or "
-                             "L.H,L.H") from None
-        if size != args.k:
-            print(f"--claimed {args.claimed} has {size} heads: random sets of {size} heads (not --k {args.k})")
-        args.k = size
     if args.n_random_ipo is None:
         args.n_random_ipo = min(d["n_random_ipo"], args.n_random)
     if args.k < 1 or min(args.n_random, args.n_random_ipo, args.n_single) < 0 or args.n_random_ipo > args.n_random:
@@ -115,7 +104,7 @@ def parse_args(argv=None):
 
 def model_data_args(args):
     return ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--seed", str(args.seed)] + (
-        ["--data", args.data] if args.data else [])
+        ["--data", args.data] if args.data != tqa.DEFAULT_DATA else [])
 
 
 def evaluate_command(args, edits):
@@ -157,12 +146,22 @@ def plan(args):
     units = [{"name": "baseline", "kind": "evaluate", "points": 1,
               "steps": [(evaluate_command(args, ["none"]), [f"{args.out}/results/baseline.json"])]}]
     claimed = args.claimed or f"top:{args.k}"
+    probe_json = f"{args.out}/probe/probe.json"
+    geo = None
+    if os.path.isfile(probe_json):
+        with open(probe_json) as f:
+            geo = heads.Geometry(**json.load(f)["geometry"])
+    if args.claimed and geo is not None:  # the random sets must match the claimed set's size
+        size = len(heads.parse_heads(args.claimed, geo, probe_json))
+        if size != args.k:
+            print(f"--claimed {args.claimed} has {size} heads: random sets of {size} heads (not --k {args.k})")
+        args.k = size
+    elif args.claimed:
+        print(f"(the size of --claimed {args.claimed} is checked once the probe has run)")
     randoms = [f"random:{args.k}:{i}" for i in range(args.n_random)]
     units += [edit_unit(args, "iti", spec) for spec in [claimed] + randoms if "iti" in args.methods]
     singles = []
-    if args.n_single and os.path.isfile(f"{args.out}/probe/probe.json"):
-        with open(f"{args.out}/probe/probe.json") as f:
-            geo = heads.Geometry(**json.load(f)["geometry"])
+    if args.n_single and geo is not None:
         singles = [f"single:{l}.{h}" for l, h in heads.parse_heads(f"random:{args.n_single}:{args.seed}", geo)]
     elif args.n_single:
         print(f"(the {args.n_single} single heads are planned once the probe has run: they need the model's geometry)")
@@ -170,18 +169,82 @@ def plan(args):
     return units + [edit_unit(args, "ipo", spec) for spec in ipo_specs if "ipo" in args.methods]
 
 
+# ---- Which steps are done: their files exist AND were made by the same command (same settings). A record of each
+# finished step is appended to RUN/sweep_done.jsonl; a step whose files were made with other settings is redone.
+
+def done_path(step):
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step[1][0]))), "sweep_done.jsonl")
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file; a line cut short by a kill (or otherwise unreadable) is dropped."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return rows
+
+
+def made_by(step):
+    """{output file: the command that last made it}, from the run's record."""
+    return {out: row["command"] for row in read_jsonl(done_path(step)) for out in row["outputs"]}
+
+
+def stale(step):
+    """Why a step's existing files cannot be reused (None: they can, or there are none yet)."""
+    cmd, outputs = step
+    if not all(os.path.isfile(p) for p in outputs):
+        return None
+    record = made_by(step)
+    differing = [p for p in outputs if record.get(p) != cmd]
+    if not differing:
+        return None
+    if all(p not in record for p in differing):
+        if cmd[0] == "probe.py":  # a probe run by hand (as for shards): probe.py checks its own cache's settings
+            return None
+        return f"{os.path.basename(differing[0])} has no record of the settings that made it"
+    old = next(record[p] for p in differing if p in record)
+    changed = [a for a in cmd if a not in old] or [a for a in old if a not in cmd]
+    return f"{os.path.basename(differing[0])} was made with other settings (now: {' '.join(changed[:6])})"
+
+
 def done(step):
-    return all(os.path.isfile(path) for path in step[1])
+    return all(os.path.isfile(path) for path in step[1]) and stale(step) is None
+
+
+def record_done(step):
+    with open(done_path(step), "a") as f:  # one short line per step: shards may append at once
+        f.write(json.dumps({"outputs": step[1], "command": step[0]}) + "\n")
 
 
 # ---- Running
+
+def _die_with_parent():
+    """In a stage's child process (Linux): receive SIGTERM when the sweep dies, even by kill -9."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
 
 def run_command(argv, in_subprocess):
     """Run `python SCRIPT ARGS` (here or in a child process); returns an exit code, 0 for success."""
     print("$ python " + shlex.join(argv), flush=True)
     script = os.path.join(HERE, argv[0])
     if in_subprocess:
-        return subprocess.run([sys.executable, script, *argv[1:]]).returncode
+        child = subprocess.Popen([sys.executable, script, *argv[1:]], preexec_fn=_die_with_parent)
+        try:
+            return child.wait()
+        except BaseException:  # Ctrl-C or a kill of the sweep: the stage must not run on alone
+            child.terminate()
+            child.wait()
+            raise
     saved = sys.argv
     sys.argv = [script, *argv[1:]]
     try:
@@ -201,10 +264,8 @@ def run_command(argv, in_subprocess):
 def estimate(units, times_path):
     """Seconds left for `units`, from the measured seconds per grid point of each kind; None for unmeasured kinds."""
     rates = {}
-    if os.path.isfile(times_path):
-        with open(times_path) as f:
-            for row in map(json.loads, f):
-                rates.setdefault(row["kind"], []).append(row["seconds"] / row["points"])
+    for row in read_jsonl(times_path):
+        rates.setdefault(row["kind"], []).append(row["seconds"] / row["points"])
     kinds = {u["kind"] for u in units}
     seconds = sum(sum(rates[u["kind"]]) / len(rates[u["kind"]]) * u["points"] for u in units if u["kind"] in rates)
     return seconds, sorted(kinds - set(rates))
@@ -213,9 +274,20 @@ def estimate(units, times_path):
 def run_unit(unit, args, times_path):
     """Run the unit's steps that have not written their files; returns the failed command, or None."""
     start = time.time()
+    redo = False
     for step in unit["steps"]:
-        if not done(step) and run_command(step[0], args.subprocess):
-            return f"{unit['name']}: python {shlex.join(step[0])}"
+        why = stale(step)
+        if why or redo:  # a fit redone makes its evaluation stale too
+            print(f"redoing {unit['name']} ({why or 'its edits were redone'})", flush=True)
+            for path in step[1]:
+                for old in (path, path[:-len(".json")] + ".jsonl" if path.endswith(".json") else None):
+                    if old and os.path.isfile(old):
+                        os.remove(old)
+        if not done(step):
+            redo = True
+            if run_command(step[0], args.subprocess):
+                return f"{unit['name']}: python {shlex.join(step[0])}"
+            record_done(step)
     with open(times_path, "a") as f:  # one short line per unit: shards may append at once
         f.write(json.dumps({"unit": unit["name"], "kind": unit["kind"], "points": unit["points"],
                             "seconds": round(time.time() - start, 2)}) + "\n")

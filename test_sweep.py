@@ -52,6 +52,19 @@ def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjoint
     assert sorted(sum(shards, [])) == sorted(names) and all(shards)
 
 
+def test_claimed_sets_are_parsed_by_heads_and_size_the_random_sets(tmp_path, capsys):
+    run = str(tmp_path)
+    write_probe_json(run)
+    for claimed, k in [("0.1,1.2", 2), ("single:2.3", 1), ("top:3", 3)]:
+        args = sweep.parse_args(["--model", "tiny-llama", "--out", run, "--claimed", claimed, "--n-random", "2"])
+        names = [u["name"] for u in sweep.plan(args)]
+        assert f"iti {claimed}" in names and f"iti random:{k}:1" in names
+    with pytest.raises(SystemExit, match="malformed"):
+        sweep.plan(sweep.parse_args(["--model", "tiny-llama", "--out", run, "--claimed", "1.x"]))
+    with pytest.raises(SystemExit, match="out of range"):
+        sweep.plan(sweep.parse_args(["--model", "tiny-llama", "--out", run, "--claimed", "7.1"]))
+
+
 def test_bad_arguments_are_refused_with_a_sentence(tmp_path):
     for argv, message in [(["--shard", "2/2"], "--shard 2/2: give I/N"), (["--shard", "x"], "give I/N"),
                           (["--n-random", "1", "--n-random-ipo", "2"], "at most --n-random"),
@@ -72,7 +85,8 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     sweep.main(argv)
     assert "a plumbing check, not a finding" in capsys.readouterr().out
     units = sweep.plan(sweep.parse_args(argv))
-    assert [u["name"] for u in units][-3:] == ["ipo random:2:0", units[-2]["name"], "ipo all"]
+    names = [u["name"] for u in units]
+    assert names[-3] == "ipo random:2:0" and names[-2].startswith("ipo single:") and names[-1] == "ipo all"
     for unit in units:
         for _, outputs in unit["steps"]:
             for path in outputs:
@@ -98,3 +112,11 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     stamp = os.path.getmtime(units[1]["steps"][-1][1][0])
     sweep.main(argv)  # resume: nothing left, nothing rewritten
     assert "0 left" in capsys.readouterr().out and os.path.getmtime(units[1]["steps"][-1][1][0]) == stamp
+    # other settings: the units they change are redone (and say why), the others are kept
+    with open(f"{run}/sweep_times.jsonl", "a") as f:
+        f.write('{"unit": "cut sho')  # a line cut by a kill must not break later sweeps
+    sweep.main([a if a != "8" else "6" for a in argv])  # --max-pairs 8 -> 6: every IPO unit, nothing else
+    out = capsys.readouterr().out
+    redone = {line[len("redoing "):].split(" (")[0] for line in out.splitlines() if line.startswith("redoing ")}
+    assert redone == {n for n in names if n.startswith("ipo ")} and "other settings" in out
+    assert os.path.getmtime(units[1]["steps"][-1][1][0]) == stamp  # the baseline was kept
