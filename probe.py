@@ -16,7 +16,8 @@ Reads:  --data TruthfulQA.csv, the model.
 Writes: OUT/activations.safetensors  head outputs [N, L, H, D] (float16), labels, question ids, split; a cache:
                                      re-running with the same arguments reuses it, other arguments are refused
         OUT/probe.safetensors        accuracy [L,H], direction_{mass_mean,probe,random} [L,H,D], sigma_* [L,H],
-                                     train_accuracy [L,H], probe_weight [L,H,D], probe_intercept [L,H]
+                                     train_accuracy [L,H], probe_weight [L,H,D], probe_intercept [L,H],
+                                     mean [L,H,D] (each head's mean output over train+val: iti.py --ablate)
         OUT/probe.json               ranking (best first), geometry, model, fingerprint, seed, split sizes, run info
 
     python probe.py --model smollm2-135m --data TruthfulQA.csv --seed 0 --out runs/smollm2/probe
@@ -160,6 +161,35 @@ def _fit_chunk(x, y, reg, C, tol, max_iter):
     return found.float(), active
 
 
+def fit_probe_plain(train_x, train_y, val_x, val_y, C=C, tol=1e-7, max_iter=100):
+    """The plain definition, one head at a time (what fit_probes batches): Newton's method in float64 on
+    C * sum_i logloss_i + 0.5 * ||w||^2, the intercept (last weight) unpenalised; stops when every coordinate of the
+    gradient divided by C * n_train is below `tol`, as fit_probes does. train_x [n_train, D], val_x [n_val, D],
+    labels in {0, 1}. Returns (validation accuracy, weights [D+1]: the D weights then the intercept)."""
+    x = torch.cat([train_x.double(), torch.ones(len(train_x), 1, dtype=torch.float64)], 1)  # [n_train, D+1]
+    y = train_y.double()
+    reg = torch.ones(x.shape[1], dtype=torch.float64)
+    reg[-1] = 0
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+
+    def loss(w):
+        z = x @ w
+        return C * (torch.nn.functional.softplus(z) - y * z).sum() + 0.5 * (reg * w * w).sum()
+    for _ in range(max_iter):
+        p = torch.sigmoid(x @ w)  # [n_train]
+        grad = C * x.T @ (p - y) + reg * w  # [D+1]
+        if grad.abs().max() <= tol * C * len(x):
+            break
+        hessian = C * (x.T * (p * (1 - p))) @ x + torch.diag(reg)  # [D+1, D+1]
+        step = torch.linalg.solve(hessian, grad)
+        t = 1.0
+        while loss(w - t * step) > loss(w) and t > 1e-8:  # halve the Newton step until the loss does not rise
+            t /= 2
+        w = w - t * step
+    val_logits = torch.cat([val_x.double(), torch.ones(len(val_x), 1, dtype=torch.float64)], 1) @ w  # [n_val]
+    return float(((val_logits > 0).float() == val_y.float()).float().mean()), w.float()
+
+
 def rank_heads(accuracy):
     """[(layer, head), ...] best validation accuracy first, ties broken by index. accuracy [L, H]."""
     order = sorted(range(accuracy.numel()), key=lambda i: (-float(accuracy.flatten()[i]), i))
@@ -169,23 +199,26 @@ def rank_heads(accuracy):
 # ---- Directions and their scale, on train+val activations
 
 def head_statistics(head_outputs, labels, probe_weight, seed):
-    """Unit directions [G, D] per head and sigma [G] = std(o . u) (population std, as ITI's np.std).
+    """Unit directions [G, D] per head, sigma [G] = std(o . u) (population std, as ITI's np.std), and each head's mean
+    output [G, D] (what a mean-ablation puts in place of the head's output).
     head_outputs [N, G, D] (train+val only), labels [N], probe_weight [G, D]."""
     N, G, D = head_outputs.shape
     directions = {"mass_mean": torch.zeros(G, D), "probe": probe_weight.float(),
                   "random": torch.randn(G, D, generator=torch.Generator().manual_seed(seed))}
     true, false = labels.bool(), ~labels.bool()
     chunk = max(1, CHUNK_BYTES // (N * D * 4))
+    mean = torch.zeros(G, D)
     for g0 in range(0, G, chunk):
         x = head_outputs[:, g0:g0 + chunk].float()  # [N, g, D]
         directions["mass_mean"][g0:g0 + chunk] = x[true].mean(0) - x[false].mean(0)
+        mean[g0:g0 + chunk] = x.mean(0)
     directions = {k: u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k, u in directions.items()}
     sigmas = {k: torch.zeros(G) for k in directions}
     for g0 in range(0, G, chunk):
         x = head_outputs[:, g0:g0 + chunk].float()
         for k, u in directions.items():
             sigmas[k][g0:g0 + chunk] = torch.einsum("ngd,gd->ng", x, u[g0:g0 + chunk]).std(0, unbiased=False)
-    return directions, sigmas
+    return directions, sigmas, mean
 
 
 # ---- Probe inputs and the activation cache
@@ -354,13 +387,14 @@ def main(argv=None):
     accuracy, weights = fit_probes(x[~is_val], labels[~is_val], x[is_val], labels[is_val], device=fit_device)
     train_logits = torch.einsum("ngd,gd->gn", x[~is_val].float(), weights[:, :D]) + weights[:, D:]  # [G, n_train]
     train_accuracy = ((train_logits > 0).float() == labels[~is_val].float()).float().mean(1)
-    directions, sigmas = head_statistics(x, labels, weights[:, :D], args.seed)
+    directions, sigmas, mean = head_statistics(x, labels, weights[:, :D], args.seed)
     accuracy = accuracy.view(L, H)
     ranking = rank_heads(accuracy)
 
     tensors = {"accuracy": accuracy, "train_accuracy": train_accuracy.view(L, H),
                "probe_weight": weights[:, :D].reshape(L, H, D).contiguous(),
-               "probe_intercept": weights[:, D].reshape(L, H).contiguous()}
+               "probe_intercept": weights[:, D].reshape(L, H).contiguous(),
+               "mean": mean.view(L, H, D)}  # each head's mean output over train+val inputs: iti.py --ablate
     tensors.update({f"direction_{k}": u.view(L, H, D) for k, u in directions.items()})
     tensors.update({f"sigma_{k}": s.view(L, H) for k, s in sigmas.items()})
     from safetensors.torch import save_file

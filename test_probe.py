@@ -29,21 +29,37 @@ def synthetic_heads(n, G, D, signal, seed=0):
     return x, y
 
 
-def test_fit_probes_agrees_with_sklearn():
+def test_fit_probes_agrees_with_sklearn_and_the_plain_fit_at_every_head():
+    """The batched fit, the plain per-head fit (probe.fit_probe_plain) and scikit-learn (run to a tight tolerance,
+    the independent check) find the same probe at every head: the same validation accuracy, to the last example."""
     from sklearn.linear_model import LogisticRegression
     G, D, n_train = 12, 8, 300
     x, y = synthetic_heads(400, G, D, torch.linspace(0, 2, G))
     accuracy, weights = probe.fit_probes(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
-    sk_accuracy, sk_weights = [], []
     for h in range(G):
-        clf = LogisticRegression(C=1.0, max_iter=1000).fit(x[:n_train, h].numpy(), y[:n_train].numpy())
-        sk_accuracy.append(clf.score(x[n_train:, h].numpy(), y[n_train:].numpy()))
-        sk_weights.append(np.concatenate([clf.coef_[0], clf.intercept_]))
-    sk_accuracy, sk_weights = torch.tensor(sk_accuracy, dtype=torch.float), torch.tensor(np.array(sk_weights)).float()
-    assert (accuracy - sk_accuracy).abs().max() < 1e-6 or ((accuracy - sk_accuracy).abs() > 1e-6).sum() <= 1
-    top = lambda a: set(probe.rank_heads(a.view(G, 1))[i][0] for i in range(4))
-    assert top(accuracy) == top(sk_accuracy)
-    torch.testing.assert_close(weights, sk_weights, atol=2e-3, rtol=1e-2)  # sklearn stops at tol=1e-4
+        clf = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(x[:n_train, h].double().numpy(),
+                                                                        y[:n_train].numpy())
+        sk_weights = torch.tensor(np.concatenate([clf.coef_[0], clf.intercept_])).float()
+        plain_accuracy, plain_weights = probe.fit_probe_plain(x[:n_train, h], y[:n_train], x[n_train:, h], y[n_train:])
+        val_logits = x[n_train:, h] @ plain_weights[:D] + plain_weights[D]
+        assert val_logits.abs().min() > 1e-4  # no validation example on the boundary: equal accuracies mean something
+        n_right = [round(100 * a) for a in (accuracy[h].item(), plain_accuracy,
+                                            clf.score(x[n_train:, h].numpy(), y[n_train:].numpy()))]
+        assert n_right[0] == n_right[1] == n_right[2], (h, n_right)  # of the 100 validation examples
+        torch.testing.assert_close(weights[h], plain_weights, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(plain_weights, sk_weights, atol=1e-4, rtol=1e-4)
+
+
+def test_a_probe_off_by_one_example_is_told_apart():
+    """The check above is exact: moving one validation example across the boundary changes the accuracy."""
+    x, y = synthetic_heads(400, 1, 8, [1.0])
+    accuracy, weights = probe.fit_probes(x[:300], y[:300], x[300:], y[300:])
+    val_x = x[300:].clone()
+    w = weights[0]
+    i = int((val_x[:, 0] @ w[:8] + w[8]).abs().argmin())  # the validation example nearest the boundary
+    val_x[i, 0] -= 2 * (val_x[i, 0] @ w[:8] + w[8]) * w[:8] / (w[:8] @ w[:8])  # mirrored across it
+    moved, _ = probe.fit_probes(x[:300], y[:300], val_x, y[300:])
+    assert abs(moved.item() - accuracy.item()) == pytest.approx(1 / 100)
 
 
 def test_fit_reaches_the_penalised_optimum():
@@ -91,14 +107,15 @@ def test_mass_mean_direction_and_sigma_by_hand():
     # one head, D = 2: true examples (1,0), (3,0); false examples (0,1), (0,3)
     x = torch.tensor([[1.0, 0], [3, 0], [0, 1], [0, 3]])[:, None, :]  # [N=4, G=1, D=2]
     labels = torch.tensor([1, 1, 0, 0])
-    directions, sigmas = probe.head_statistics(x.half(), labels, torch.tensor([[0.0, 2.0]]), seed=0)
+    directions, sigmas, mean = probe.head_statistics(x.half(), labels, torch.tensor([[0.0, 2.0]]), seed=0)
+    torch.testing.assert_close(mean, torch.tensor([[1.0, 1.0]]))  # (1+3+0+0)/4, (0+0+1+3)/4
     # mean(true) - mean(false) = (2, -2) -> u = (1, -1)/sqrt 2; projections +-1/sqrt2, +-3/sqrt2: std = sqrt(2.5)
     torch.testing.assert_close(directions["mass_mean"], torch.tensor([[1.0, -1.0]]) / math.sqrt(2))
     assert sigmas["mass_mean"].item() == pytest.approx(math.sqrt(2.5), rel=1e-5)
     torch.testing.assert_close(directions["probe"], torch.tensor([[0.0, 1.0]]))  # the weight vector, normalised
     assert sigmas["probe"].item() == pytest.approx(math.sqrt(1.5), rel=1e-5)  # projections 0,0,1,3: mean 1, var 6/4
     assert directions["random"].norm().item() == pytest.approx(1.0)
-    again, _ = probe.head_statistics(x.half(), labels, torch.tensor([[0.0, 2.0]]), seed=0)
+    again, _, _ = probe.head_statistics(x.half(), labels, torch.tensor([[0.0, 2.0]]), seed=0)
     assert torch.equal(again["random"], directions["random"])
 
 
@@ -159,6 +176,8 @@ def test_end_to_end_tiny_llama_cache_reuse_refusal_and_resume(tmp_path, monkeypa
     for k in ("direction_mass_mean", "direction_probe", "direction_random"):
         torch.testing.assert_close(tensors[k].norm(dim=-1), torch.ones(L, H))
     assert probe.rank_heads(tensors["accuracy"]) == meta["ranking"]
+    cached = load_file(f"{out}/activations.safetensors")["head_outputs"].float()  # [N, L, H, D], train+val inputs
+    torch.testing.assert_close(tensors["mean"], cached.mean(0))
 
     # the cache holds each input's last-token head outputs, in example order
     cache = load_file(f"{out}/activations.safetensors")
