@@ -195,6 +195,69 @@ def test_head_specs(tmp_path):
             heads.parse_heads(spec, geo)
 
 
+def test_mean_ablation_replaces_the_heads_outputs_by_their_mean(tiny, tmp_path):
+    """o_h <- mean_h on the ablated heads at every token (replacement, not addition), others untouched; saved and
+    loaded like other edits, with method 'ablate' and apply 'all'."""
+    model, tok, _ = tiny["tiny-llama"]
+    geo, D = heads.geometry(model), heads.geometry(model).head_dim
+    enc = encode(tok, ["Q: What is fact 8? A: It is 8.", "Q: Hi"])
+    mean = torch.randn(geo.n_layers, geo.n_heads, D, generator=torch.Generator().manual_seed(3))
+    edit = heads.Edit(geo, heads.heads_to_mask([(1, 2), (1, 0)], geo), ablate=mean, meta={"model": "tiny-llama"})
+    assert edit.meta["method"] == "ablate" and edit.meta["apply"] == "all" and not list(edit.parameters())
+    path = str(tmp_path / "ablate.safetensors")
+    heads.save_edit(path, edit)
+    back = heads.load_edit(path, model)
+    assert torch.equal(back.ablate, edit.ablate) and back.meta["method"] == "ablate"
+    o_plain, _ = capture_out_proj(model, 1, **enc)  # [batch, seq, H*D]
+    with heads.edited(model, back):
+        _, out_edit = capture_out_proj(model, 1, **enc)
+    expected = o_plain.clone()
+    for h in (0, 2):  # by hand: every token of the ablated heads holds the mean, the other heads are as they were
+        expected[..., h * D:(h + 1) * D] = mean[1, h]
+    torch.testing.assert_close(out_edit, expected @ proj_weight(model, 1).T, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no offset"):
+        heads.Edit(geo, edit.head_mask, offset=mean, ablate=mean)
+
+
+def test_edit_moves_to_each_layers_device(tiny):
+    """--device auto splits a model across devices: the edit (on the first device) must follow each layer's
+    activations. A CPU stand-in: activations on the 'meta' device, the edit on the CPU."""
+    geo = heads.geometry(tiny["tiny-llama"][0])
+    o = torch.empty(2, 5, geo.n_heads * geo.head_dim, device="meta")  # [batch, seq, H*D]
+    for kind in ("offset", "rank1"):
+        edit = random_edit(geo, [(1, 1)], kind=kind)
+        assert edit.delta(1, o).device.type == "meta"
+        batch = heads.EditBatch([edit, random_edit(geo, [(1, 2)])])
+        assert heads.edited_output(o, **batch.terms(1, o, torch.tensor([0, heads.NO_EDIT]))).device.type == "meta"
+    assert heads.heads_at(o, torch.tensor([4, 2])).shape == (2, geo.n_heads * geo.head_dim)  # record_heads' gather
+
+
+def test_damaged_edit_files_are_refused_with_a_sentence(tiny, tmp_path):
+    from safetensors.torch import save_file
+    import json
+    model, _, _ = tiny["tiny-llama"]
+    geo = heads.geometry(model)
+    L, H, D = geo.n_layers, geo.n_heads, geo.head_dim
+    meta = {"geometry": vars(geo), "model": "tiny-llama", "apply": "iti"}
+    good = {"head_mask": torch.ones(L, H), "offset": torch.zeros(L, H, D)}
+    nan = torch.zeros(L, H, D)
+    nan[0, 0, 0] = float("nan")
+    cases = [(dict(good, offset=nan), meta, "NaN or inf"),
+             (dict(good, offset=torch.zeros(L, H, D + 1)), meta, "offset has shape"),
+             ({"head_mask": torch.ones(L, H), "a": torch.zeros(L, H * D)}, meta, "needs both a and b"),
+             ({"head_mask": torch.ones(L, H)}, meta, "an edit holds"),
+             (good, {"model": "x"}, "lacks the model geometry"),
+             (good, dict(meta, geometry={"n_layers": "three"}), "lacks the model geometry"),
+             (good, dict(meta, apply="answers"), "apply 'answers'")]
+    for i, (tensors, m, message) in enumerate(cases):
+        path = str(tmp_path / f"bad{i}.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"edit": json.dumps(m)})
+        with pytest.raises(SystemExit, match=message):
+            heads.load_edit(path, model)
+    with pytest.raises(SystemExit, match="NaN or inf"):  # and never written
+        heads.save_edit(str(tmp_path / "nan.safetensors"), heads.Edit(geo, torch.ones(L, H), offset=nan))
+
+
 # ---- tqa.py
 
 def test_answers_are_closed_like_truthfulqa(tmp_path, fixture_csv):
