@@ -55,34 +55,38 @@ def parse_args(argv=None):
     models.add_model_args(p)
     tqa.add_data_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
-    p.add_argument("--k", type=int, default=d["k"], help="heads per edited set (paper: 16)")
-    p.add_argument("--claimed", default=None, help="head set on trial (default: top:K, the probe's best K heads)")
-    p.add_argument("--n-random", type=int, default=d["n_random"], help="random K-head sets edited by ITI (paper: 16)")
-    p.add_argument("--n-random-ipo", type=int, default=None, help="how many of those sets IPO also edits "
+    heads_group = p.add_argument_group("which head sets are edited")
+    heads_group.add_argument("--k", type=int, default=d["k"], help="heads per edited set (paper: 16)")
+    heads_group.add_argument("--claimed", default=None, help="head set on trial (default: top:K, the probe's best K heads)")
+    heads_group.add_argument("--n-random", type=int, default=d["n_random"], help="random K-head sets edited by ITI (paper: 16)")
+    heads_group.add_argument("--n-random-ipo", type=int, default=None, help="how many of those sets IPO also edits "
                    f"(default: {d['n_random_ipo']}, at most --n-random; paper: all 16)")
-    p.add_argument("--n-single", type=int, default=d["n_single"], help="random single heads edited by IPO (paper: 24)")
-    p.add_argument("--no-all-heads", action="store_true", help="leave out IPO at all heads (the full-model baseline)")
-    p.add_argument("--methods", default="iti,ipo", help="edits to run: iti, ipo, or both (comma-separated)")
-    p.add_argument("--alphas", type=float, nargs="+", default=d["alphas"], help="ITI strengths")
-    p.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
-    p.add_argument("--max-pairs", type=int, default=d["max_pairs"], help="IPO training pairs, a seeded subsample "
+    heads_group.add_argument("--n-single", type=int, default=d["n_single"], help="random single heads edited by IPO (paper: 24)")
+    heads_group.add_argument("--no-all-heads", action="store_true", help="leave out IPO at all heads (the full-model baseline)")
+    heads_group.add_argument("--methods", default="iti,ipo", help="edits to run: iti, ipo, or both (comma-separated)")
+    grid = p.add_argument_group("the edits' grids and training sizes")
+    grid.add_argument("--alphas", type=float, nargs="+", default=d["alphas"], help="ITI strengths")
+    grid.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
+    grid.add_argument("--max-pairs", type=int, default=d["max_pairs"], help="IPO training pairs, a seeded subsample "
                    "(0: all, about 6,560; the default on a GPU)")
-    p.add_argument("--max-val-pairs", type=int, default=d["max_val_pairs"], help="IPO validation pairs")
-    p.add_argument("--lr-scale", type=float, default=d["lr_scale"], help="ipo_edit.py --lr-scale: the paper's "
+    grid.add_argument("--max-val-pairs", type=int, default=d["max_val_pairs"], help="IPO validation pairs")
+    grid.add_argument("--lr-scale", type=float, default=d["lr_scale"], help="ipo_edit.py --lr-scale: the paper's "
                    "learning rates times this (1 on a GPU; more for short CPU runs)")
-    p.add_argument("--max-questions", type=int, default=d["max_questions"],
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--max-questions", type=int, default=d["max_questions"],
                    help="test questions evaluated (0: all 164; the default on a GPU)")
-    p.add_argument("--n-texts", type=int, default=d["n_texts"], help="documents for CE/KL (ITI: 100)")
-    p.add_argument("--text", default=d["text"], help="CE/KL text for evaluate.py: auto (OpenWebText from the hub, "
+    ev.add_argument("--n-texts", type=int, default=d["n_texts"], help="documents for CE/KL (ITI: 100)")
+    ev.add_argument("--text", default=d["text"], help="CE/KL text for evaluate.py: auto (OpenWebText from the hub, "
                    "else self), self (text the model samples: offline, no hub retries), or a local .txt/.jsonl")
-    p.add_argument("--judges", default=None, help="evaluate.py --judges (e.g. none: no Truth/Info, MC figures only)")
+    ev.add_argument("--judges", default=None, help="evaluate.py --judges (e.g. none: no Truth/Info, MC figures only)")
+    stages = p.add_argument_group("running")
     for stage in ("probe", "iti", "ipo", "eval"):
-        p.add_argument(f"--{stage}-args", default="", help=f"more arguments for the {stage} stage, quoted, "
+        stages.add_argument(f"--{stage}-args", default="", help=f"more arguments for the {stage} stage, quoted, "
                        f"e.g. --{stage}-args '--batch-size 8'")
-    p.add_argument("--shard", default="0/1", help="I/N: run only the units i with i %% N == I (SLURM array jobs)")
-    p.add_argument("--subprocess", action="store_true", help="run each stage in its own Python process (default: "
+    stages.add_argument("--shard", default="0/1", help="I/N: run only the units i with i %% N == I (SLURM array jobs)")
+    stages.add_argument("--subprocess", action="store_true", help="run each stage in its own Python process (default: "
                    "in this one, saving the import time; the commands are the same)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    stages.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
     try:
@@ -95,6 +99,14 @@ def parse_args(argv=None):
         raise SystemExit(f"--methods {','.join(args.methods)}: choose iti, ipo, or iti,ipo")
     if args.n_random_ipo is None:
         args.n_random_ipo = min(d["n_random_ipo"], args.n_random)
+    import math
+    for name in ("max_pairs", "max_val_pairs", "max_questions", "n_texts"):
+        if (getattr(args, name) or 0) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (all) or a positive count")
+    if not all(math.isfinite(a) for a in args.alphas) or not all(math.isfinite(t) and t > 0 for t in args.taus):
+        raise SystemExit("--alphas must be finite numbers and --taus finite and positive (paper: 0.1 ... 0.5)")
+    if not (math.isfinite(args.lr_scale) and args.lr_scale > 0):
+        raise SystemExit(f"--lr-scale {args.lr_scale}: give a positive factor (1 = the paper's learning rates)")
     if args.k < 1 or min(args.n_random, args.n_random_ipo, args.n_single) < 0 or args.n_random_ipo > args.n_random:
         raise SystemExit("--k must be at least 1, the counts at least 0, and --n-random-ipo at most --n-random")
     return args

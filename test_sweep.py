@@ -68,7 +68,9 @@ def test_claimed_sets_are_parsed_by_heads_and_size_the_random_sets(tmp_path, cap
 def test_bad_arguments_are_refused_with_a_sentence(tmp_path):
     for argv, message in [(["--shard", "2/2"], "--shard 2/2: give I/N"), (["--shard", "x"], "give I/N"),
                           (["--n-random", "1", "--n-random-ipo", "2"], "at most --n-random"),
-                          (["--methods", "rome"], "choose iti, ipo")]:
+                          (["--methods", "rome"], "choose iti, ipo"), (["--max-pairs", "-1"], "0 \\(all\\)"),
+                          (["--taus", "inf"], "finite and positive"), (["--alphas", "nan"], "finite"),
+                          (["--lr-scale", "0"], "positive factor")]:
         with pytest.raises(SystemExit, match=message):
             sweep.parse_args(["--model", "tiny-llama", "--out", str(tmp_path), *argv])
     with pytest.raises(SystemExit, match="run it once first: python probe.py"):
