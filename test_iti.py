@@ -3,6 +3,7 @@ moves exactly the chosen heads' outputs by exactly that vector, at the positions
 
 Run: python -m pytest -q test_iti.py
 """
+import inspect
 import json
 import os
 
@@ -18,11 +19,11 @@ import models
 torch.set_num_threads(1)
 
 
-def write_probe(folder, geo, model_name="tiny-llama", fingerprint=None, seed=0):
+def write_probe(folder, geo, model_name="tiny-llama", fingerprint=(0.5,) * 16, seed=0):
     """A probe folder as probe.py writes it, with seeded random statistics."""
     g = torch.Generator().manual_seed(seed)
     L, H, D = geo.n_layers, geo.n_heads, geo.head_dim
-    tensors = {"accuracy": torch.rand(L, H, generator=g)}
+    tensors = {"accuracy": torch.rand(L, H, generator=g), "mean": torch.randn(L, H, D, generator=g)}
     for k in ("mass_mean", "probe", "random"):
         u = torch.randn(L, H, D, generator=g)
         tensors[f"direction_{k}"] = u / u.norm(dim=-1, keepdim=True)
@@ -31,7 +32,7 @@ def write_probe(folder, geo, model_name="tiny-llama", fingerprint=None, seed=0):
     save_file(tensors, os.path.join(folder, "probe.safetensors"))
     ranking = [list(divmod(int(i), H)) for i in tensors["accuracy"].flatten().argsort(descending=True, stable=True)]
     with open(os.path.join(folder, "probe.json"), "w") as f:
-        json.dump({"geometry": vars(geo), "ranking": ranking, "model": model_name, "fingerprint": fingerprint,
+        json.dump({"geometry": vars(geo), "ranking": ranking, "model": model_name, "fingerprint": list(fingerprint),
                    "seed": seed, "prompt_format": "random_question"}, f)
     return tensors, ranking
 
@@ -85,6 +86,67 @@ def test_head_specs_out_names_and_refusals(tmp_path):
         iti.main(["--probe", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="out of range"):
         iti.main(["--probe", folder, "--heads", "3.0"])
+
+
+def test_non_finite_alpha_and_broken_probes_are_refused(tmp_path):
+    geo = heads.Geometry(3, 4, 4)
+    folder = str(tmp_path / "run" / "probe")
+    tensors, _ = write_probe(folder, geo)
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit, match="every alpha must be a finite number"):
+            iti.main(["--probe", folder, "--alpha", "5", bad])
+    with pytest.raises(SystemExit, match="takes no --alpha"):
+        iti.main(["--probe", folder, "--ablate", "--alpha", "5"])
+    assert not os.path.exists(tmp_path / "run" / "edits")
+    tensors["sigma_mass_mean"][1, 2] = float("nan")
+    save_file(tensors, os.path.join(folder, "probe.safetensors"))
+    with pytest.raises(SystemExit, match="sigma_mass_mean has shape \\[3, 4\\] or non-finite values"):
+        iti.main(["--probe", folder])
+    write_probe(folder, geo, fingerprint=())  # a probe.json that does not say which weights it was made on
+    with pytest.raises(SystemExit, match="does not name its model, weight fingerprint"):
+        iti.main(["--probe", folder])
+
+
+def test_ablate_writes_the_heads_mean_output_at_every_token(tmp_path):
+    if "ablate" not in inspect.signature(heads.Edit).parameters:
+        pytest.skip("heads.Edit has no ablate= yet (mean-ablation lands in heads.py)")
+    model, tok, _ = models.load_model("tiny-llama")
+    geo = heads.geometry(model)
+    folder = str(tmp_path / "run" / "probe")
+    tensors, _ = write_probe(folder, geo, fingerprint=heads.fingerprint(model))
+    iti.main(["--probe", folder, "--heads", "0.3,2.1", "--ablate"])
+    path = str(tmp_path / "run" / "edits" / "ablate-0.3_2.1.safetensors")
+    edit = heads.load_edit(path, model)
+    assert {k: edit.meta[k] for k in ("method", "apply", "head_spec", "k")} == {
+        "method": "ablate", "apply": "all", "head_spec": "0.3,2.1", "k": 2}
+    seen = {}
+    projs = heads.out_projections(model)
+    handles = [p.register_forward_hook(lambda m, a, out, l=l: seen.__setitem__(l, a[0].clone()))
+               for l, p in enumerate(projs)]
+    enc = tok(["Q: What is fact 1?\nA: It is 1."], return_tensors="pt")
+    try:
+        with torch.no_grad():
+            model(**enc)
+            plain = {l: o.view(*o.shape[:2], geo.n_heads, geo.head_dim) for l, o in seen.items()}
+            with heads.edited(model, edit):
+                model(**enc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    o0, o2 = (seen[l].view(*seen[l].shape[:2], geo.n_heads, geo.head_dim) for l in (0, 2))  # [1, seq, H, D]
+    torch.testing.assert_close(o0[0, :, 3], tensors["mean"][0, 3].expand_as(o0[0, :, 3]))  # every token: the mean
+    torch.testing.assert_close(o2[0, :, 1], tensors["mean"][2, 1].expand_as(o2[0, :, 1]))
+    torch.testing.assert_close(o0[0, :, :3], plain[0][0, :, :3])  # the other heads of layer 0 untouched
+
+
+def test_ablate_needs_a_probe_with_mean_outputs(tmp_path):
+    geo = heads.Geometry(3, 4, 4)
+    folder = str(tmp_path / "run" / "probe")
+    tensors, _ = write_probe(folder, geo)
+    del tensors["mean"]
+    save_file(tensors, os.path.join(folder, "probe.safetensors"))
+    with pytest.raises(SystemExit, match="has no 'mean'.*run probe.py --out"):
+        iti.main(["--probe", folder, "--heads", "top:2", "--ablate"])
 
 
 def record_edit_deltas(model, calls, edit, start):
