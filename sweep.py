@@ -63,7 +63,8 @@ def parse_args(argv=None):
                    f"(default: {d['n_random_ipo']}, at most --n-random; paper: all 16)")
     heads_group.add_argument("--n-single", type=int, default=d["n_single"], help="random single heads edited by IPO (paper: 24)")
     heads_group.add_argument("--no-all-heads", action="store_true", help="leave out IPO at all heads (the full-model baseline)")
-    heads_group.add_argument("--methods", default="iti,ipo", help="edits to run: iti, ipo, or both (comma-separated)")
+    heads_group.add_argument("--methods", default="iti,ipo,ablate", help="trials to run, comma-separated: iti, ipo, "
+                             "ablate (mean-ablation of each set: what is lost without the heads)")
     grid = p.add_argument_group("the edits' grids and training sizes")
     grid.add_argument("--alphas", type=float, nargs="+", default=d["alphas"], help="ITI strengths")
     grid.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
@@ -95,8 +96,8 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
         raise SystemExit(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. --shard 0/4") from None
     args.methods = args.methods.split(",")
-    if not set(args.methods) <= {"iti", "ipo"}:
-        raise SystemExit(f"--methods {','.join(args.methods)}: choose iti, ipo, or iti,ipo")
+    if not args.methods or not set(args.methods) <= {"iti", "ipo", "ablate"}:
+        raise SystemExit(f"--methods {','.join(args.methods)}: choose from iti, ipo, ablate (comma-separated)")
     if args.n_random_ipo is None:
         args.n_random_ipo = min(d["n_random_ipo"], args.n_random)
     import math
@@ -129,6 +130,12 @@ def evaluate_command(args, edits):
 def edit_unit(args, method, spec):
     """Fit the edits of one head set over the grid, then evaluate them."""
     probe = f"{args.out}/probe"
+    if method == "ablate":  # one edit, no grid: the heads' outputs replaced by their mean (the necessity trial)
+        edits = [f"{args.out}/edits/ablate-{heads.spec_name(spec)}.safetensors"]
+        fit = ["iti.py", "--probe", probe, "--heads", spec, "--ablate", "--out", edits[0]]
+        results = [f"{args.out}/results/{os.path.basename(edits[0])[:-len('.safetensors')]}.json"]
+        return {"name": f"{method} {spec}", "kind": method, "points": 1,
+                "steps": [(fit, edits), (evaluate_command(args, edits), results)]}
     grid, letter = (args.alphas, "a") if method == "iti" else (args.taus, "t")
     pattern = f"{args.out}/edits/{method}-{heads.spec_name(spec)}-{letter}{{{'alpha' if method == 'iti' else 'tau'}}}.safetensors"
     value = (lambda g: f"{g:g}") if method == "iti" else (lambda g: str(float(g)))  # as each script names its files
@@ -178,7 +185,8 @@ def plan(args):
     elif args.n_single:
         print(f"(the {args.n_single} single heads are planned once the probe has run: they need the model's geometry)")
     ipo_specs = [claimed] + randoms[:args.n_random_ipo] + singles + ([] if args.no_all_heads else ["all"])
-    return units + [edit_unit(args, "ipo", spec) for spec in ipo_specs if "ipo" in args.methods]
+    units += [edit_unit(args, "ipo", spec) for spec in ipo_specs if "ipo" in args.methods]
+    return units + [edit_unit(args, "ablate", spec) for spec in [claimed] + randoms if "ablate" in args.methods]
 
 
 # ---- Which steps are done: their files exist AND were made by the same command (same settings). A record of each

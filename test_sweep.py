@@ -41,14 +41,14 @@ def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjoint
     assert ipo[:3] == iti[:3] and ipo[-1] == "all" and len(set(singles)) == 6  # IPO reuses the first random sets
     for unit in units[1:]:
         fit, evaluate = unit["steps"]
-        assert len(fit[1]) == unit["points"] == (2 if unit["kind"] == "iti" else 3)
+        assert len(fit[1]) == unit["points"] == {"iti": 2, "ipo": 3, "ablate": 1}[unit["kind"]]
         assert [os.path.basename(r)[:-5] for r in evaluate[1]] == [os.path.basename(e)[:-12] for e in fit[1]]
     shards = []
     for i in range(3):  # each shard prints its commands: together they cover the plan once
         sweep.main(["--model", "tiny-llama", "--out", run, "--k", "3", "--n-random", "5", "--n-random-ipo", "2",
                     "--n-single", "6", "--alphas", "1", "2", "--shard", f"{i}/3", "--dry-run"])
         shards.append([line[:-1] for line in capsys.readouterr().out.splitlines() if line.endswith(":")
-                       and line.split()[0] in ("baseline:", "iti", "ipo")])
+                       and line.split()[0] in ("baseline:", "iti", "ipo", "ablate")])
     assert sorted(sum(shards, [])) == sorted(names) and all(shards)
 
 
@@ -68,7 +68,7 @@ def test_claimed_sets_are_parsed_by_heads_and_size_the_random_sets(tmp_path, cap
 def test_bad_arguments_are_refused_with_a_sentence(tmp_path):
     for argv, message in [(["--shard", "2/2"], "--shard 2/2: give I/N"), (["--shard", "x"], "give I/N"),
                           (["--n-random", "1", "--n-random-ipo", "2"], "at most --n-random"),
-                          (["--methods", "rome"], "choose iti, ipo"), (["--max-pairs", "-1"], "0 \\(all\\)"),
+                          (["--methods", "rome"], "choose from iti, ipo, ablate"), (["--max-pairs", "-1"], "0 \\(all\\)"),
                           (["--taus", "inf"], "finite and positive"), (["--alphas", "nan"], "finite"),
                           (["--lr-scale", "0"], "positive factor")]:
         with pytest.raises(SystemExit, match=message):
@@ -88,7 +88,9 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     assert "a plumbing check, not a finding" in capsys.readouterr().out
     units = sweep.plan(sweep.parse_args(argv))
     names = [u["name"] for u in units]
-    assert names[-3] == "ipo random:2:0" and names[-2].startswith("ipo single:") and names[-1] == "ipo all"
+    ipo = [n for n in names if n.startswith("ipo ")]
+    assert ipo[-3] == "ipo random:2:0" and ipo[-2].startswith("ipo single:") and ipo[-1] == "ipo all"
+    assert [n for n in names if n.startswith("ablate ")] == ["ablate top:2", "ablate random:2:0", "ablate random:2:1"]
     for unit in units:
         for _, outputs in unit["steps"]:
             for path in outputs:
@@ -103,7 +105,8 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
                 edit = result["edit"]
                 assert edit["method"] == unit["kind"] and edit["head_spec"] == unit["name"].split()[1]
                 assert {"model", "fingerprint", "apply", "seed", "run", "heads", "geometry"} <= set(edit)
-                assert (edit["alpha"] == 5 if unit["kind"] == "iti" else edit["tau"] == 0.1)
+                assert {"iti": edit.get("alpha") == 5, "ipo": edit.get("tau") == 0.1,
+                        "ablate": "alpha" not in edit and "tau" not in edit}[unit["kind"]]
             assert os.path.isfile(path[:-5] + ".jsonl")
     for name in ["probe_accuracy.png", "fig1_iti_probed_vs_random.png", "fig3_ipo_probed_vs_random.png",
                  "fig5_ipo_kl.png", "figures.json"]:
