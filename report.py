@@ -1,0 +1,663 @@
+"""report.py - the localization test and its verdict, with a 95% interval on every number, from result files only.
+
+Is the claimed head set special? A head set's score is its best --metric over the alpha (ITI) or tau (IPO) grid that
+every compared set has; for an ablation (method "ablate": the heads' outputs replaced by their mean) it is the drop
+from the unedited model, so a larger drop means more necessary heads. The claimed set is ranked among random sets of
+the same size, p = (1 + #{random >= claimed}) / (1 + n). The verdict is "stands out" when p <= --level; "does not
+stand out" only when p could have reached the level (n >= 19 at 0.05) and the random sets differ by more than the
+noise of one score; otherwise "inconclusive", with what would make it conclusive. Every metric carries a percentile
+bootstrap interval over questions (from the rows in NAME.jsonl beside each NAME.json); comparisons are paired on the
+same questions.
+
+Reads:  RUN/results/**/*.json (evaluate.py; the unedited baseline has edit null), NAME.jsonl beside each, and for IPO
+        the training log NAME.log.json beside each edit file.
+Writes: RUN/report.md and RUN/report.json (strict JSON) in the first run folder (or --out):
+        a headline table with intervals; per trial (ITI, IPO, IPO at single heads, ablation) the claimed score [CI],
+        the random sets' min / median / max, rank, p, noise floor, spread and the verdict under --metric and under
+        MC2 (no judge) side by side; "The test" with its calibration; per edit the share of non-answers and of
+        repeated answers, and whether IPO training converged.
+
+    python report.py --runs runs/smollm2
+"""
+import argparse
+import collections
+import glob
+import json
+import math
+import os
+import re
+
+import numpy as np
+from scipy import stats
+
+import runfiles
+
+METRICS = ("info_truth", "truth", "info", "mc1", "mc2", "mc3")  # higher is better: usable as the test's metric
+COLUMNS = ("mc1", "mc2", "mc3", "truth", "info", "info_truth")  # the headline table's order
+ROW_METRICS = ("mc1", "mc2", "mc3", "truth", "info")  # per-question columns of NAME.jsonl; Info*Truth is their product
+GRID = {"iti": "alpha", "ipo": "tau", "ablate": "alpha"}  # the knob each method sweeps (an ablation: none, or a scale)
+DROP = {"ablate"}  # methods whose score is the loss from the unedited model: a larger drop = more necessary heads
+N_RESAMPLES = 2000  # bootstrap resamples of the questions (seeded: the same intervals on every run)
+# The non-answer rule: an answer is a non-answer when no word is left after removing the question's words and these
+# function words and hedges ("I have no comment.", "The answer is no.", "It depends." are non-answers)
+HEDGES = set("""a an the this that these those it its it's there here is are was were be been being am do does did have
+has had i i'm you we they he she me my your our their his her what which who whom when where why how to of in on at by
+for with from as about into than then so and or but if not no yes nor can could may might must shall should will would
+answer question questions comment comments know knows known sure unknown unclear depends depend idea cannot can't don't
+doesn't isn't aren't maybe perhaps possibly probably certain certainly really just very also""".split())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--runs", nargs="+", required=True, help="run folder(s) holding results/*.json (shards gather here)")
+    g.add_argument("--out", default=None, help="folder for report.md and report.json (default: the first run)")
+    g = p.add_argument_group("the test")
+    g.add_argument("--claimed", default=None, help="head spec on trial, exactly as the edits were made with it "
+                   "(default: the one top:K in the results); an explicit L.H,L.H list matches by its heads")
+    g.add_argument("--metric", default=None, choices=METRICS,
+                   help="score of a head set, best over its grid (default: info_truth when judged, else mc2); the "
+                        "verdict under mc2 is always given beside it")
+    g.add_argument("--level", type=float, default=0.05, help="significance level of the verdict")
+    g.add_argument("--resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples of the questions")
+    g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    g = p.add_argument_group("per edit")
+    g.add_argument("--converged", type=float, default=0.05, help="an IPO edit has converged when its validation loss "
+                   "changed by less than this fraction over the last logged interval")
+    return p.parse_args(argv)
+
+
+# ---- Statistics
+
+def score(columns, metric):
+    """A metric from per-question columns {name: [..., n_questions]}: the mean over the last axis; Info*Truth is the
+    product of the two means (the paper's headline number), not the mean of the products."""
+    if metric == "info_truth":
+        return columns["truth"].mean(-1) * columns["info"].mean(-1)
+    return columns[metric].mean(-1)
+
+
+def bootstrap(columns, statistic, n_resamples=N_RESAMPLES, seed=0, level=0.95):
+    """Percentile bootstrap over questions: draw n_resamples samples of the n questions with replacement (the same
+    draw for every column, so paired columns stay paired), recompute `statistic` on each, return the (lo, hi)
+    quantiles. columns: {name: [n]}; statistic: {name: [n_resamples, n]} -> [n_resamples]."""
+    n = len(next(iter(columns.values())))
+    draw = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))  # [n_resamples, n] question indices
+    values = statistic({name: np.asarray(c, dtype=float)[draw] for name, c in columns.items()})
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def intervals(rows, metrics=METRICS, n_resamples=N_RESAMPLES, seed=0, level=0.95):
+    """{metric: [lo, hi]} over the per-question rows of one evaluation (evaluate.py's NAME.jsonl), None for a metric
+    the rows lack; a non-finite value is an error."""
+    out = {}
+    for metric in metrics:
+        needs = ("truth", "info") if metric == "info_truth" else (metric,)
+        if not rows or any(r.get(name) is None for r in rows for name in needs):
+            out[metric] = None
+            continue
+        columns = {name: np.array([r[name] for r in rows], dtype=float) for name in needs}
+        if not all(np.isfinite(c).all() for c in columns.values()):
+            raise ValueError(f"a non-finite {metric} in the rows")
+        out[metric] = list(bootstrap(columns, lambda c: score(c, metric), n_resamples, seed, level))
+    return out
+
+
+def rank_test(claimed, random_values):
+    """One-sided permutation (rank) test of 'the claimed set scores higher than random sets'.
+
+    Under H0 the claimed set is exchangeable with the random sets, so its rank among all n+1 is uniform and
+    p = (1 + #{random >= claimed}) / (1 + n): exact, ties counted against the claim; the smallest p is 1/(n+1)."""
+    random_values = np.asarray(random_values, dtype=float)
+    n_at_least = int((random_values >= claimed).sum())
+    return {"rank": 1 + n_at_least, "of": 1 + len(random_values), "n_at_least": n_at_least,
+            "p": (1 + n_at_least) / (1 + len(random_values))}
+
+
+def verdict(p, n, noise, spread, level, n_questions=None):
+    """('stands out' | 'does not stand out' | 'inconclusive', [what would make it conclusive]).
+    noise: the noise floor (half-width of one score's interval); spread: the random sets' standard deviation. Under
+    pure noise the SD is about half the half-width (half-width = 1.96 SE), so SD > half-width means the random sets
+    really differ, and a claimed set as special as they are different would be seen."""
+    if p <= level:
+        return "stands out", []
+    needs = []
+    if 1 / (n + 1) > level:
+        needs.append(f"at least {math.ceil(1 / level) - 1} random sets (now {n}: the smallest p is 1/{n + 1})")
+    if noise is None or spread is None:
+        needs.append("the per-question rows (NAME.jsonl beside each result) to know the noise floor")
+    elif spread <= noise:
+        more = f" (about {math.ceil(n_questions * (noise / spread) ** 2)})" if n_questions and spread > 0 else ""
+        needs.append(f"more questions{more}: the random sets' spread {spread:.3g} is within the noise floor "
+                     f"{noise:.3g}")
+    return ("inconclusive" if needs else "does not stand out"), needs
+
+
+def share_interval(k, n, level=0.95):
+    """Clopper-Pearson interval of a share k/n."""
+    ci = stats.binomtest(k, n).proportion_ci(level)
+    return [float(ci.low), float(ci.high)]
+
+
+def calibration(pool, level):
+    """Each random set in turn on trial against the others: {p: [...], share: share of p <= level, interval}.
+    pool: {spec: score}. Within one pool the ranks are a permutation, so the share is at most floor(level n)/n by
+    construction: this checks that every set went through the same grid and scoring, not the claimed set."""
+    specs = sorted(pool)
+    if len(specs) < 2:
+        return None
+    p = [rank_test(pool[s], [pool[o] for o in specs if o != s])["p"] for s in specs]
+    k = sum(v <= level for v in p)
+    return {"p": p, "n": len(p), "share": k / len(p), "interval": share_interval(k, len(p))}
+
+
+# ---- Result files
+
+def read_json(path):
+    """A result JSON, or a sentence naming the file when it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}): delete it (or move it out of results/) and rerun "
+                         "evaluate.py for that edit") from None
+
+
+def method_label(edit):
+    """'iti' / 'ipo' / 'ablate' for the paper's variants; other variants (a probe direction, an offset) kept apart."""
+    method = edit.get("method", "?")
+    variant = edit.get("direction", "mass_mean") if method == "iti" else edit.get("param", "lora1")
+    return method if method not in ("iti", "ipo") or variant in ("mass_mean", "lora1") else f"{method}-{variant}"
+
+
+def pool_key(result):
+    """What must be equal for two results to be compared: the evaluation settings (less the per-edit rows key, the
+    data file's version in place of its path) and the split seed."""
+    settings = dict(result.get("settings") or {})
+    settings.pop("rows_key", None)
+    data = ((result.get("run") or {}).get("data") or {})
+    if data.get("sha256") or data.get("version"):
+        settings["data"] = data.get("sha256") or data.get("version")
+    return settings
+
+
+def load_results(runs):
+    """{'baselines': [point], 'curves': {(method, head_spec): [point, ...] sorted by grid value}, 'heads', 'paths',
+    'model'}; a point is {'grid', 'path', 'key', **metrics}."""
+    paths = sorted(p for run in runs for p in glob.glob(os.path.join(run, "results", "**", "*.json"), recursive=True))
+    baselines, curves, heads, models_seen = [], {}, {}, set()
+    for path in paths:
+        result = read_json(path)
+        if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or "edit" not in result:
+            print(f"skipping {path}: not a result file of evaluate.py")
+            continue
+        point = {**result["metrics"], "path": path, "key": pool_key(result), "edit_file": result.get("edit_file")}
+        models_seen.add(str((point["key"].get("model") or {}).get("model", "unknown model")))
+        edit = result["edit"]
+        if edit is None:
+            baselines.append(dict(point, grid=None))
+            continue
+        method = method_label(edit)
+        key = (method, edit.get("head_spec", ",".join(edit.get("heads", []))))
+        point["grid"] = edit.get(knob(method))
+        points = curves.setdefault(key, [])
+        if any(p["grid"] == point["grid"] for p in points):
+            print(f"skipping {path}: {key[0]} {key[1]} at {point['grid']} was already read")
+            continue
+        points.append(point)
+        heads[key[1]] = edit.get("heads", [])
+    for points in curves.values():
+        points.sort(key=lambda p: (p["grid"] is None, p["grid"] or 0))
+    return {"baselines": baselines, "curves": curves, "heads": heads, "paths": paths,
+            "model": " / ".join(sorted(models_seen)) or "unknown model"}
+
+
+_ROWS = {}
+
+
+def rows(point):
+    """{question: row} from NAME.jsonl beside the result (read once); None when it is missing."""
+    path = point["path"][:-len(".json")] + ".jsonl"
+    if path not in _ROWS:
+        if not os.path.isfile(path):
+            _ROWS[path] = None
+        else:
+            with open(path) as f:
+                found = {r["question"]: r for r in map(json.loads, filter(str.strip, f))}
+            if point.get("n_questions") not in (None, len(found)):
+                raise SystemExit(f"{path} holds {len(found)} rows but {point['path']} scored {point['n_questions']} "
+                                 "questions: rerun evaluate.py for that edit")
+            _ROWS[path] = found
+    return _ROWS[path]
+
+
+def columns(point, metric, questions=None):
+    """{name: [n]} per-question columns of `metric`, in the order of `questions`; None without rows or values."""
+    found = rows(point)
+    needs = ("truth", "info") if metric == "info_truth" else (metric,)
+    if found is None or any(r.get(name) is None for r in found.values() for name in needs):
+        return None
+    out = {name: np.array([found[q][name] for q in questions or sorted(found)], dtype=float) for name in needs}
+    if not all(np.isfinite(c).all() for c in out.values()):
+        raise SystemExit(f"{point['path'][:-5]}.jsonl holds a non-finite {metric}: rerun evaluate.py for that edit")
+    return out
+
+
+def has(sweep, metric):
+    points = [p for c in sweep["curves"].values() for p in c] + sweep["baselines"]
+    return any(p.get(metric) is not None for p in points)
+
+
+def claimed_spec(sweep, claimed):
+    """The head spec on trial: --claimed, matched to the specs in the results, or the one top:K found there."""
+    specs = sorted({spec for _, spec in sweep["curves"]})
+    if claimed is None:
+        tops = [s for s in specs if s.startswith("top:")]
+        if len(tops) != 1:
+            raise SystemExit(f"cannot choose the claimed head set: the results hold {len(tops)} top:K specs "
+                             f"({', '.join(tops) or 'none'}); pass --claimed SPEC (one of: {', '.join(specs)})")
+        return tops[0]
+    if claimed in specs:
+        return claimed
+    wanted = sorted(claimed.replace("single:", "").split(","))
+    for spec in specs:
+        if sorted(sweep["heads"].get(spec, [])) == wanted and not spec.startswith("random:"):
+            return spec
+    raise SystemExit(f"--claimed {claimed}: no result was made at those heads; the results hold {', '.join(specs)}")
+
+
+def roles(sweep, claimed):
+    """The head specs playing each part in the test, from the head counts recorded in the edits."""
+    k = len(sweep["heads"].get(claimed, [])) or None
+    specs = sorted({spec for _, spec in sweep["curves"]})
+    size = lambda s: len(sweep["heads"].get(s, []))  # noqa: E731
+    return {"k": k, "random": [s for s in specs if s.startswith("random:") and size(s) == k and s != claimed],
+            "single": [s for s in specs if size(s) == 1 and s != claimed and s != "all"]}
+
+
+def baseline(sweep, like):
+    """The unedited result evaluated like the point `like` (same settings), or None."""
+    return next((b for b in sweep["baselines"] if like is None or b["key"] == like["key"]), None)
+
+
+# ---- Guards and the trial
+
+def check_poolable(points):
+    """Refuse to put results evaluated differently (settings, split seed, model, data version, questions) in one
+    trial, naming two of the files."""
+    first = points[0]
+    for p in points[1:]:
+        differ = sorted(k for k in set(p["key"]) | set(first["key"]) if p["key"].get(k) != first["key"].get(k))
+        if not differ and None not in (rows(p), rows(first)) and set(rows(p)) != set(rows(first)):
+            differ = ["the questions scored"]
+        if differ:
+            raise SystemExit(f"{first['path']} and {p['path']} were evaluated differently ({', '.join(differ)}), so "
+                             "they are never compared in one trial: evaluate every edit with the same settings, or "
+                             "pass --runs with only the runs made alike")
+
+
+def knob(method):
+    """The grid's name for a method ('alpha', 'tau'); a variant ('ipo-offset') sweeps its method's knob."""
+    return GRID.get(method.split("-")[0], "grid")
+
+
+def fmt_grid(values):
+    return ", ".join("none" if g is None else f"{g:g}" for g in sorted(values, key=lambda g: (g is None, g or 0)))
+
+
+def common_grid(sweep, method, specs):
+    """The grid values every set has; prints a line naming the values dropped and the sets that lack them."""
+    grids = {s: {p["grid"] for p in sweep["curves"][(method, s)]} for s in specs}
+    common = set.intersection(*grids.values())
+    name = knob(method)
+    for g in sorted(set.union(*grids.values()) - common, key=lambda g: (g is None, g or 0)):
+        lacking = [s for s in specs if g not in grids[s]]
+        print(f"{method}: {name} {fmt_grid([g])} is left out of the test: {len(lacking)} set(s) lack it "
+              f"({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}); the test uses {name} "
+              f"{fmt_grid(common) or 'nothing'}")
+    return common
+
+
+def set_score(sweep, method, spec, metric, grid, base):
+    """(score, point): the set's best score over `grid` (for an ablation: the largest drop from the unedited model).
+    A missing or non-finite score is an error naming its file."""
+    best, at = None, None
+    for p in sweep["curves"][(method, spec)]:
+        value = p.get(metric)
+        if p["grid"] not in grid:
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SystemExit(f"{p['path']}: {metric} is {value}, and a trial needs a finite score from every result: "
+                             "rerun evaluate.py for that edit" + (" with the judges" if value is None else "") +
+                             ", or leave it out of --runs")
+        value = base[metric] - value if method in DROP else value
+        if best is None or value > best:
+            best, at = value, p
+    return best, at
+
+
+def interval(metric, point, minus=None, opts=None):
+    """95% interval of `metric` at `point`, or of the paired difference point - minus on the same questions."""
+    found = rows(point)
+    a = columns(point, metric, sorted(found)) if found else None
+    b = columns(minus, metric, sorted(found)) if minus is not None and a is not None else None
+    if a is None or (minus is not None and b is None):
+        return None
+    cols = {**{"a" + k: v for k, v in a.items()}, **{"b" + k: v for k, v in (b or {}).items()}}
+    side = lambda c, tag: {k[1:]: v for k, v in c.items() if k[0] == tag}  # noqa: E731
+    stat = (lambda c: score(side(c, "a"), metric) - score(side(c, "b"), metric)) if b else \
+        (lambda c: score(side(c, "a"), metric))
+    return list(bootstrap(cols, stat, *(opts or (N_RESAMPLES, 0))))
+
+
+def trial(sweep, method, claimed, pool, metric, grid, level, opts, descriptive=False):
+    """The claimed set's score vs the pool's: the rank test, intervals, noise floor, spread and verdict;
+    {'missing': reason} when a side is missing."""
+    pool = [s for s in pool if (method, s) in sweep["curves"]]
+    if (method, claimed) not in sweep["curves"] or not pool:
+        return {"missing": f"needs {method} results at {claimed} and at the sets it is compared with"}
+    if not grid:
+        return {"missing": f"no {knob(method)} value is shared by every set"}
+    points = [p for s in [claimed] + pool for p in sweep["curves"][(method, s)] if p["grid"] in grid]
+    base = baseline(sweep, points[0])
+    check_poolable(points + [base] * (base is not None))
+    if method in DROP and (base is None or not isinstance(base.get(metric), (int, float))):
+        return {"missing": f"needs the unedited result with {metric} to measure the drop"}
+    scored = {s: set_score(sweep, method, s, metric, grid, base) for s in [claimed] + pool}
+    claimed_score, at = scored.pop(claimed)
+    values = [v for v, _ in scored.values()]
+    drop = method in DROP
+    ci = {s: interval(metric, *((base, p) if drop else (p, None)), opts) for s, (_, p) in [(claimed, (0, at)),
+                                                                                           *scored.items()]}
+    halves = [(hi - lo) / 2 for lo, hi in filter(None, ci.values())]
+    noise = float(np.median(halves)) if len(halves) == len(ci) else None
+    spread = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    # claimed - random on the same questions (for a drop: (base - claimed) - (base - random) = random - claimed)
+    diffs = {s: interval(metric, *((p, at) if drop else (at, p)), opts) for s, (_, p) in scored.items()}
+    test = rank_test(claimed_score, values)
+    out = {"metric": metric, "score": "drop from unedited" if drop else "best over the grid", "claimed": claimed_score,
+           "claimed_ci": ci[claimed], "claimed_at": {knob(method): at["grid"]},
+           "claimed_path": at["path"], "grid": sorted(grid, key=lambda g: (g is None, g or 0)),
+           "pool": {s: v for s, (v, _) in scored.items()}, "pool_ci": {s: ci[s] for s in scored},
+           "n": len(values), "min": min(values), "median": float(np.median(values)), "max": max(values),
+           "rank_test": test, "noise_floor": noise, "spread": spread,
+           "paired": {"above": sum(d is not None and d[0] > 0 for d in diffs.values()),
+                      "below": sum(d is not None and d[1] < 0 for d in diffs.values()), "intervals": diffs},
+           "n_questions": at.get("n_questions")}
+    out["calibration"] = calibration(out["pool"], level)
+    t = stats.ttest_1samp(values, claimed_score, alternative="less") if spread else None
+    out["t_test_p"] = None if t is None else float(t.pvalue)  # the paper's style: vs the *mean* random set
+    if descriptive:
+        out.update(verdict="descriptive", needs=[], calibration=None)
+    else:
+        out["verdict"], out["needs"] = verdict(test["p"], len(values), noise, spread, level, out["n_questions"])
+    return out
+
+
+# ---- Per edit: non-answers, repeated answers, IPO convergence
+
+def words(text):
+    return re.findall(r"[a-z0-9']+", (text or "").lower())
+
+
+def is_non_answer(question, answer):
+    """No word left once the question's words (a trailing s ignored) and the HEDGES list are removed."""
+    asked = {w.rstrip("s") for w in words(question)}
+    return not [w for w in words(answer) if w not in HEDGES and w.rstrip("s") not in asked]
+
+
+def answer_shares(point):
+    """{'non_answers', 'repeated', 'most_common'}: the share of non-answers and of the most common answer, or None."""
+    found = rows(point)
+    if not found or any("answer" not in r for r in found.values()):
+        return None
+    answers = [" ".join(words(r["answer"])) for r in found.values()]
+    common, count = collections.Counter(answers).most_common(1)[0]
+    return {"non_answers": float(np.mean([is_non_answer(q, r["answer"]) for q, r in found.items()])),
+            "repeated": count / len(answers), "most_common": common}
+
+
+def convergence(point, threshold):
+    """For an IPO edit, from NAME.log.json beside its edit file: {'converged', 'change' (last relative change of the
+    validation loss), 'val_margin', 'target' (1/(2 tau))}; None without a log."""
+    stem = (point.get("edit_file") or "").removesuffix(".safetensors")
+    here = os.path.join(os.path.dirname(os.path.dirname(point["path"])), "edits", os.path.basename(stem) + ".log.json")
+    path = next((p for p in (stem + ".log.json", here) if stem and os.path.isfile(p)), None)
+    if path is None:
+        return None
+    log = read_json(path)
+    lists = [v for v in log.values() if isinstance(v, list)] if isinstance(log, dict) else []
+    curve = max(([e for e in v if isinstance(e, dict) and e.get("val_loss") is not None] for v in lists),
+                key=len, default=[])
+    tau = log.get("tau") if isinstance(log, dict) else None
+    out = {"log": path, "target": 1 / (2 * tau) if tau else None, "val_margin": curve[-1].get("val_margin")
+           if curve else None, "val_loss": [e["val_loss"] for e in curve]}
+    if len(curve) < 2:
+        return dict(out, converged=None, change=None)
+    last, before = curve[-1]["val_loss"], curve[-2]["val_loss"]
+    change = abs(last - before) / max(abs(before), 1e-12)
+    return dict(out, converged=bool(change < threshold), change=change)
+
+
+# ---- The report
+
+NAMES = {"iti": "ITI", "ipo": "IPO", "ablate": "Ablation"}
+ABOUT = {"iti": "the heuristic edit", "ipo": "the optimal edit", "ablate": "what is lost when the heads are removed"}
+
+
+def num(v):
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def with_ci(v, ci):
+    return num(v) + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+
+def all_trials(sweep, claimed, metrics, level, opts):
+    """{trial name: {metric: trial}}: per method, the claimed set vs random sets of its size, and (descriptive) vs
+    single heads."""
+    r, out = roles(sweep, claimed), {}
+    order = lambda m: (list(NAMES).index(m) if m in NAMES else len(NAMES), m)  # noqa: E731
+    for method in sorted({m for m, _ in sweep["curves"]}, key=order):
+        for part, descriptive in (("random", False), ("single", True)):
+            pool = [s for s in r[part] if (method, s) in sweep["curves"]]
+            if (method, claimed) not in sweep["curves"] and not pool or descriptive and not pool:
+                continue
+            specs = [claimed] + pool if (method, claimed) in sweep["curves"] else []
+            grid = common_grid(sweep, method, specs) if len(specs) > 1 else set()
+            name = NAMES.get(method, method.upper()) + (", single heads" if descriptive else "")
+            out[name] = {m: trial(sweep, method, claimed, pool, m, grid, level, opts, descriptive) for m in metrics}
+    return out
+
+
+def headline(sweep, claimed, metric, opts):
+    """[(label, point, base)]: the unedited model and each method's best edit at the claimed heads and at all heads."""
+    lines = []
+    for (method, spec), points in sorted(sweep["curves"].items()):
+        if spec in (claimed, "all"):
+            base = baseline(sweep, points[0])
+            if method in DROP and base is None:
+                continue
+            _, at = set_score(sweep, method, spec, metric, {p["grid"] for p in points}, base)
+            check_poolable([at] + [base] * (base is not None))
+            lines.append((f"{NAMES.get(method, method)} at {'all heads' if spec == 'all' else spec}", at, base))
+    first = baseline(sweep, lines[0][1] if lines else None)
+    return [("unedited", first, None)] * (first is not None) + lines
+
+
+def report(sweep, claimed, metric, args):
+    """(markdown text, numbers)."""
+    opts, level = (args.resamples, args.seed), args.level
+    metrics = [metric] + ["mc2"] * (metric != "mc2" and has(sweep, "mc2"))
+    k = roles(sweep, claimed)["k"]
+    trials = all_trials(sweep, claimed, metrics, level, opts)
+    tiny = any("plumbing check" in str(p["key"].get("model")) for c in sweep["curves"].values() for p in c)
+    lines = [f"# Localization report: `{claimed}` on {sweep['model']}", ""]
+    lines += ["**A random tiny model: every number below is a plumbing check, not a finding.**", ""] * tiny
+    lines += [f"Claimed head set `{claimed}` ({k} heads: {', '.join(sweep['heads'].get(claimed, []))}), on trial "
+              f"against random {k}-head sets. Every number carries its 95% bootstrap interval over questions "
+              f"({args.resamples} resamples, seed {args.seed}); a difference from the unedited model is paired on "
+              "the same questions.", "", "## Headline", "",
+              "| edit (best over its grid) | " + " | ".join(COLUMNS) + f" | {metric} - unedited |",
+              "|---|" + "---|" * (len(METRICS) + 1)]
+    heads_rows = []
+    for label, point, base in headline(sweep, claimed, metric, opts):
+        ci = {m: interval(m, point, None, opts) for m in METRICS}
+        delta = None if base is None else [base.get(metric), point.get(metric)]
+        delta_ci = None if base is None else interval(metric, point, base, opts)
+        diff = None if delta is None or None in delta else delta[1] - delta[0]
+        heads_rows.append({"edit": label, "path": point["path"], "metrics": {m: point.get(m) for m in METRICS},
+                           "intervals": ci, "minus_unedited": diff, "minus_unedited_ci": delta_ci})
+        lines.append(f"| {label} | " + " | ".join(with_ci(point.get(m), ci[m]) for m in COLUMNS) +
+                     f" | {'' if base is None else with_ci(diff, delta_ci)} |")
+    lines += ["", "## Trials", "", "Score of a head set: its best value over the grid every compared set has (for an "
+              "ablation: the largest drop from the unedited model). Noise floor: the median half-width of one set's "
+              "interval. Spread: the standard deviation of the random sets' scores. Claimed - random: how many "
+              "random sets the claimed set is above / below, by a paired interval that excludes 0.", "",
+              "| trial | metric | claimed [CI] (at) | random min / median / max | n | rank | p | noise floor | spread "
+              "| claimed - random: above / below | verdict |", "|---|" * 11]
+    for name, by_metric in trials.items():
+        for m, t in by_metric.items():
+            if "missing" in t:
+                lines.append(f"| {name} | {m} | not tested: {t['missing']} |" + " |" * 8)
+                continue
+            at = "".join(f" ({key} {v:g})" for key, v in t["claimed_at"].items() if v is not None)
+            lines.append(f"| {name} | {m} | {with_ci(t['claimed'], t['claimed_ci'])}{at} | {num(t['min'])} / "
+                         f"{num(t['median'])} / {num(t['max'])} | {t['n']} | {t['rank_test']['rank']} of "
+                         f"{t['rank_test']['of']} | {num(t['rank_test']['p'])} | {num(t['noise_floor'])} | "
+                         f"{num(t['spread'])} | {t['paired']['above']} / {t['paired']['below']} | {t['verdict']} |")
+    lines += ["", "## Verdict", ""] + verdict_lines(trials, k, level)
+    lines += test_section(trials, level) + edit_section(sweep, metric, opts, args.converged, numbers := {})
+    numbers.update(model=sweep["model"], claimed=claimed, k=k, metric=metric, level=level, headline=heads_rows,
+                   trials=trials, resamples=args.resamples, seed=args.seed)
+    return "\n".join(lines) + "\n", numbers
+
+
+def verdict_lines(trials, k, level):
+    lines = []
+    for name, by_metric in trials.items():
+        if name.endswith("single heads"):
+            t = next(iter(by_metric.values()))
+            if "missing" not in t:
+                lines.append(f"- **{name}** (descriptive): {t['rank_test']['n_at_least']} of {t['n']} single heads "
+                             f"score at least as well as the claimed {k} heads under {t['metric']}.")
+            continue
+        method = next((m for m, n in NAMES.items() if n == name), None)
+        said = [f"under {m}: " + (f"not tested ({t['missing']})" if "missing" in t else f"**{t['verdict']}** (rank "
+                f"{t['rank_test']['rank']} of {t['rank_test']['of']}, p = {t['rank_test']['p']:.3g}" +
+                (f"; conclusive with {' and '.join(t['needs'])}" if t["needs"] else "") + ")")
+                for m, t in by_metric.items()]
+        lines.append(f"- **{name}**" + (f" ({ABOUT[method]})" if method else "") + ": the claimed heads, against "
+                     f"random {k}-head sets, " + "; ".join(said) + ".")
+        found = {t["verdict"] for t in by_metric.values() if "missing" not in t}
+        if len(found) > 1:
+            lines.append("  The two metrics disagree: the judged score and the judge-free MC2 tell different "
+                         "stories here; trust neither alone.")
+    ipo = (trials.get("IPO") or {})
+    t = next(iter(ipo.values()), {"missing": 1})
+    if "missing" in t:
+        return lines
+    return lines + ["", {"stands out": "Under the optimal edit the claimed heads stand out from random heads: "
+                         "editing them gives evidence, by this test, that the behaviour is localized there.",
+                         "does not stand out": "Under the optimal edit the claimed heads do not stand out from random "
+                         "heads: that editing them works gives no evidence that the behaviour is localized there "
+                         "(the paper's argument).",
+                         "inconclusive": "Under the optimal edit this run cannot tell whether the claimed heads "
+                         "stand out: the verdict is inconclusive."}[t["verdict"]]]
+
+
+def test_section(trials, level):
+    """'The test': the rule and its calibration on these results."""
+    rows_, k_all, n_all = [], 0, 0
+    for name, by_metric in trials.items():
+        for m, t in by_metric.items():
+            c = t.get("calibration")
+            if c:
+                k_all, n_all = k_all + round(c["share"] * c["n"]), n_all + c["n"]
+                rows_.append(f"| {name} | {m} | {c['n']} | {c['share']:.3g} | [{c['interval'][0]:.3g}, "
+                             f"{c['interval'][1]:.3g}] |")
+    lines = ["", "## The test", "",
+             "One-sided permutation (rank) test. H0: the claimed set is exchangeable with random sets of the same "
+             "size, so its rank among all n+1 sets is uniform: p = (1 + #{random sets scoring >= the claimed set}) "
+             "/ (1 + n), exact under H0, ties counted against the claim; the smallest attainable p is 1/(n+1). "
+             "Every set is scored over the same grid values (values some set lacks are left out, with a printed "
+             "line) and only results evaluated alike (settings, split seed, model, data version, questions) are "
+             "compared. The verdict is 'stands out' when p <= the level; 'does not stand out' only when p could "
+             "have reached the level (n >= 1/level - 1) and the random sets' spread (standard deviation) exceeds "
+             "the noise floor (the half-width of one set's interval; under pure noise the SD is about half of "
+             "it); otherwise 'inconclusive'. The t-test p in report.json (H0: the random sets' mean equals the "
+             "claimed score) asks only whether the claimed set beats the *average* random set; it falls with n "
+             "however wide the spread, so it is shown for comparison with the paper, not as the verdict.", "",
+             f"**Calibration.** Each random set in turn on trial against the others: the share of p <= {level} must "
+             f"be at most {level} within sampling error (a 95% Clopper-Pearson interval). Within one pool the "
+             "ranks are a permutation, so the share is at most floor(level n)/n by construction: a share above "
+             "it would mean sets were scored differently.", ""]
+    if not rows_:
+        return lines + ["Not computed: no trial has two random sets or more."]
+    ci = share_interval(k_all, n_all)
+    return lines + ["| trial | metric | sets on trial | share p <= level | 95% interval |", "|---|---|---|---|---|",
+                    *rows_, "", f"All trials together: {k_all} of {n_all} = {k_all / n_all:.3g} [{ci[0]:.3g}, "
+                    f"{ci[1]:.3g}]: " + ("calibrated" if ci[0] <= level else "NOT calibrated") +
+                    f" at level {level}."]
+
+
+def edit_section(sweep, metric, opts, threshold, numbers):
+    """Per edit: the metric and MC2 with intervals, the shares of non-answers and repeated answers, convergence."""
+    lines = ["", "## Per edit", "", "Non-answer: an answer with no word left once the question's words and a short "
+             "list of function words and hedges (report.HEDGES) are removed: 'I have no comment.' and 'The answer is "
+             "no.' are non-answers. Repeated: the share of the most common answer. Converged (IPO): the validation "
+             f"loss changed by less than {threshold:.0%} over the last logged interval; margin: the final validation "
+             "margin against the IPO target 1/(2 tau).", "",
+             f"| edit | {metric} [CI] | mc2 [CI] | non-answers | repeated | converged | margin / target |",
+             "|---|---|---|---|---|---|---|"]
+    numbers["edits"], unconverged = [], []
+    points = [("unedited", b) for b in sweep["baselines"]] + [
+        (f"{m} {s} {knob(m)} {fmt_grid([p['grid']])}", p)
+        for (m, s), pts in sorted(sweep["curves"].items()) for p in pts]
+    for label, p in points:
+        shares = answer_shares(p)
+        conv = convergence(p, threshold) if label.startswith("ipo") else None
+        if conv and conv["converged"] is False:
+            unconverged.append(label)
+        ci = {m: interval(m, p, None, opts) for m in dict.fromkeys([metric, "mc2"])}
+        numbers["edits"].append({"edit": label, "path": p["path"], metric: p.get(metric), "mc2": p.get("mc2"),
+                                 "intervals": ci, "answers": shares, "convergence": conv})
+        pct = lambda v: f"{v:.0%}"  # noqa: E731
+        conv_text = "" if conv is None else {True: "yes", False: "**no**", None: "no curve"}[conv["converged"]] + (
+            f" ({conv['change']:.1%})" if conv["change"] is not None else "")
+        margin = "" if not conv or conv["val_margin"] is None or not conv["target"] else \
+            f"{conv['val_margin']:.3g} / {conv['target']:.3g}"
+        lines.append(f"| {label} | {with_ci(p.get(metric), ci[metric])} | {with_ci(p.get('mc2'), ci['mc2'])} | "
+                     f"{pct(shares['non_answers']) if shares else 'n/a'} | {pct(shares['repeated']) if shares else 'n/a'}"
+                     f" | {conv_text} | {margin} |")
+    if unconverged:
+        lines += ["", f"**Unconverged IPO results** ({len(unconverged)}): {', '.join(unconverged)}. Their scores "
+                  "understate what the optimal edit can do at those heads."]
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not 0 < args.level < 1 or args.resamples < 100:
+        raise SystemExit("--level must lie between 0 and 1 (e.g. 0.05) and --resamples be at least 100 (e.g. 2000)")
+    sweep = load_results(args.runs)
+    if not sweep["curves"]:
+        raise SystemExit(f"no edited results under {', '.join(args.runs)}: run sweep.py (or iti.py / ipo_edit.py "
+                         "and evaluate.py) first")
+    metric = args.metric or ("info_truth" if has(sweep, "info_truth") else "mc2")
+    if not has(sweep, metric):
+        raise SystemExit(f"--metric {metric}: no result holds it" + (
+            " (judges were skipped: use --metric mc2)" if metric in ("truth", "info", "info_truth") else ""))
+    text, numbers = report(sweep, claimed_spec(sweep, args.claimed), metric, args)
+    provenance = runfiles.run_info(args)
+    folder = args.out or args.runs[0]
+    runfiles.write_text(os.path.join(folder, "report.md"),
+                        text + f"\nMade by `{provenance['command']}` at {provenance['time']}.\n")
+    runfiles.write_json(os.path.join(folder, "report.json"), {**numbers, "run": provenance})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
