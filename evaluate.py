@@ -1,17 +1,18 @@
 """evaluate.py - score the model under test, unedited or edited, on TruthfulQA: MC1/MC2/MC3, greedy generations judged
 for Truth and Info, and CE / KL(original || edited) on unrelated text (method.md section 3).
 
-Reads:  --data TruthfulQA.csv; --edit files written by iti.py / ipo_edit.py (several: evaluated one after another with
-        the model loaded once; the word `none` stands for the unedited baseline); the judges (judges/*.safetensors,
-        or any causal LM); --text.
-Writes: --out NAME.json (metrics, the edit's metadata, settings, provenance) and NAME.jsonl beside it, one row per
-        question (answer scores, MC1/2/3, the generation, judge probabilities), appended as questions complete: a killed
-        run restarted with the same arguments resumes. With several edits --out is a folder: one NAME per edit file
-        stem (`baseline` for `none`).
-Where an edit applies follows edit.meta["apply"] (heads.APPLY), or --apply; the results record what was used.
+Reads:  --data TruthfulQA.csv; --edit files written by iti.py / ipo_edit.py (several: evaluated together, in one pass:
+        every forward runs rows of all the edits at once, heads.EditBatch; the word `none` stands for the unedited
+        baseline); the judges (judges/*.safetensors, or any causal LM); --text.
+Writes: --out NAME.json (metrics, the edit's metadata, settings, precision, provenance) and NAME.jsonl beside it, one row
+        per question (answer scores, MC1/2/3, the generation, judge probabilities), appended as questions complete: a
+        killed run restarted with the same arguments resumes. With several edits --out is a folder: one NAME per edit
+        file stem (`baseline` for `none`).
+Where an edit applies follows edit.meta["apply"] (or --apply), decided for every stage by heads.edit_start alone. The
+primer (ITI's instruction and the QA primer, tqa.shared_prefix_length tokens every prompt starts with) runs once, shared
+by the baseline and every edit that does not reach the prompt, and once per edit that does (apply 'all').
 
-    python evaluate.py --data TruthfulQA.csv --edit runs/smollm2/iti/top16.safetensors --judges none \
-        --out runs/smollm2/results/iti_top16.json
+    python evaluate.py --edit runs/smollm2/iti/top16.safetensors --judges none --out runs/smollm2/results/iti_top16.json
 """
 import argparse
 import contextlib
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,41 +36,44 @@ import tqa
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 models.add_model_args(parser)
 tqa.add_data_args(parser)
-parser.add_argument("--edit", nargs="*", default=["none"],
-                    help="edit file(s) to evaluate, one after another; `none` = the unedited model (default)")
-parser.add_argument("--out", required=True,
-                    help="NAME.json for one edit (NAME.jsonl beside it); a folder for several (one NAME per edit stem)")
-parser.add_argument("--split", default="test", help="questions to score: train, val, test, all, or a sum (train+val)")
-parser.add_argument("--max-questions", type=int, default=None, help="a seeded subset of the split (quick runs)")
-parser.add_argument("--instruction", default="default", choices=list(tqa.INSTRUCTIONS),
-                    help="ITI's instruction sentence before the QA primer (default), the informative variant, or none")
-parser.add_argument("--apply", default=None, choices=list(heads.APPLY),
-                    help="where edits apply: iti (ITI's positions) or all (every token); default: the edit file's")
-parser.add_argument("--skip", default="", help="comma list of stages to leave out: mc, generation, text")
-parser.add_argument("--batch-size", type=int, default=32, help="questions per generation batch (and per resume step): "
-                    "decoding reads every weight per token, so larger batches cost little more")
-parser.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length limit")
-parser.add_argument("--judges", default="default", choices=["default", "none"],
-                    help="none: skip Truth and Info (judge later with --judge-only)")
-parser.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"],
-                    help="judge file (written by train_judge.py; default: the committed one) or causal LM id/folder")
-parser.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"],
-                    help="judge file (written by train_judge.py; default: the committed one) or causal LM id/folder")
-parser.add_argument("--judge-device", default=None, help="device of the judges (default: --device)")
-parser.add_argument("--judge-only", action="store_true",
-                    help="only judge saved generations: an earlier run (e.g. with --judges none) wrote NAME.json")
-parser.add_argument("--text", default="auto",
-                    help=f"CE/KL text: a hub dataset id, a local .txt (documents split by blank lines) or .jsonl "
-                         f"({{\"text\": ...}} per line), `self` (text the unedited model samples from neutral prompts, "
-                         "cached per model), or auto: stas/openwebtext-10k, else `self` when the hub is unreachable")
-parser.add_argument("--n-texts", type=int, default=100, help="documents for CE/KL (seeded choice)")
-parser.add_argument("--text-tokens", type=int, default=128, help="first tokens of each document used for CE/KL")
-parser.add_argument("--text-batch-size", type=int, default=4, help="documents per CE/KL forward")
-parser.add_argument("--cache-dir", default=models.CACHE_DIR, help="where the `self` text is cached")
+what = parser.add_argument_group("what to evaluate")
+what.add_argument("--edit", nargs="*", default=["none"], help="edit file(s), evaluated in one pass; `none` = unedited")
+what.add_argument("--out", required=True,
+                  help="NAME.json for one edit (NAME.jsonl beside it); a folder for several (one NAME per edit stem)")
+what.add_argument("--split", default="test", help="questions to score: train, val, test, all, or a sum (train+val)")
+what.add_argument("--max-questions", type=int, default=None, help="a seeded subset of the split (quick runs)")
+what.add_argument("--instruction", default="default", choices=list(tqa.INSTRUCTIONS),
+                  help="ITI's instruction sentence before the QA primer (default), the informative variant, or none")
+what.add_argument("--apply", default=None, choices=list(heads.APPLY),
+                  help="where edits apply: iti (ITI's positions) or all (every token); default: the edit file's")
+what.add_argument("--skip", default="", help="comma list of stages to leave out: mc, generation, text")
+how = parser.add_argument_group("how")
+how.add_argument("--batch-size", type=int, default=32, help="rows per forward: (edit, answer) rows in MC, (edit, "
+                 "question) rows in generation; decoding reads every weight per token, so more rows cost little more")
+how.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length limit")
+how.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+judging = parser.add_argument_group("judges")
+judging.add_argument("--judges", default="default", choices=["default", "none"],
+                     help="none: skip Truth and Info (judge later with --judge-only)")
+judging.add_argument("--truth-judge", default=judge.DEFAULT_JUDGES["truth"],
+                     help="judge file (written by train_judge.py; default: the committed one) or causal LM id/folder")
+judging.add_argument("--info-judge", default=judge.DEFAULT_JUDGES["info"],
+                     help="judge file (written by train_judge.py; default: the committed one) or causal LM id/folder")
+judging.add_argument("--judge-device", default=None, help="device of the judges (default: --device)")
+judging.add_argument("--judge-only", action="store_true",
+                     help="only judge saved generations: an earlier run (e.g. with --judges none) wrote NAME.json")
+text = parser.add_argument_group("CE/KL text")
+text.add_argument("--text", default="auto", help="a hub dataset id, a local .txt (documents split by blank lines) or "
+                  ".jsonl ({\"text\": ...} per line), `self` (text the unedited model samples from neutral prompts, "
+                  "cached per model), or auto: stas/openwebtext-10k, else `self` when the hub is unreachable")
+text.add_argument("--n-texts", type=int, default=100, help="documents for CE/KL (seeded choice)")
+text.add_argument("--text-tokens", type=int, default=128, help="first tokens of each document used for CE/KL")
+text.add_argument("--text-batch-size", type=int, default=4, help="documents per CE/KL forward")
+text.add_argument("--cache-dir", default=models.CACHE_DIR, help="where the `self` text is cached")
 
-HUB_TEXT = "stas/openwebtext-10k"
 PROMPT_END = "the prompt ends with '\\nA:'; the answer is the text generated after it"
 CUT_RULE = "greedy; cut at the first newline or the first 'Q:', whichever comes first; stripped"
+HUB_TEXT = "stas/openwebtext-10k"
 NEUTRAL_PROMPTS = [  # seeds for the offline `self` text: everyday topics with nothing to do with TruthfulQA
     "The history of the town begins", "To bake a simple loaf of bread,", "The weather this week", "In the garden,",
     "The meeting started at nine", "A good way to learn a language is", "The river runs", "Yesterday the team",
@@ -78,36 +83,86 @@ NEUTRAL_PROMPTS = [  # seeds for the offline `self` text: everyday topics with n
 ]
 
 
-def select_questions(args):
-    questions = tqa.load_split(args.data, args.seed, args.split)
-    if args.max_questions is not None and args.max_questions < len(questions):
-        if args.max_questions < 1:
-            raise SystemExit(f"--max-questions {args.max_questions}: give at least 1")
-        keep = np.random.default_rng(args.seed).choice(len(questions), args.max_questions, replace=False)
-        questions = [questions[i] for i in sorted(keep.tolist())]
-    return questions
+@dataclass
+class Target:
+    """One evaluated edit (or the unedited baseline: edit None) and where its results go."""
+    name: str = "baseline"
+    edit: heads.Edit = None
+    apply: str = None  # heads.APPLY convention; None for the baseline
+    edit_file: str = None
+    json: str = ""
+    key: str = ""  # the settings' hash, stored in every row (resume refuses rows of other settings)
+    rows: dict = field(default_factory=dict)  # {question: row} done so far
+    tag: int = heads.NO_EDIT  # its edit's index in the run's EditBatch
+
+    @property
+    def jsonl(self):
+        return self.json[:-len(".json")] + ".jsonl"
+
+    @property
+    def meta(self):
+        return None if self.edit is None else self.edit.meta
+
+    def reaches_prompt(self, stage):
+        return self.edit is not None and heads.reaches_prompt(self.apply, stage)
 
 
-def plan_outputs(args):
-    """One target per --edit: its name, edit path (None = baseline) and output files."""
-    if len(args.edit) != len(set(args.edit)) or not args.edit:
-        raise SystemExit("--edit names a file twice (or nothing): give each edit file once (`none` = baseline)")
-    several = len(args.edit) > 1
-    if several and args.out.endswith(".json"):
-        raise SystemExit(f"--out {args.out}: with {len(args.edit)} edits --out must be a folder (a NAME.json per edit)")
-    targets = []
-    for path in args.edit:
-        name = "baseline" if path == "none" else os.path.splitext(os.path.basename(path))[0]
-        out = os.path.join(args.out, name + ".json") if several or not args.out.endswith(".json") else args.out
-        targets.append({"name": name, "edit_file": None if path == "none" else path, "json": out,
-                        "jsonl": out[:-len(".json")] + ".jsonl"})
-    if len({t["json"] for t in targets}) != len(targets):
-        raise SystemExit("two --edit files share a file stem: rename one, results are named after the stem")
-    return targets
+def edit_batch(targets):
+    """One EditBatch of the targets' edits, each target tagged with its row; None when no target is edited."""
+    edited = [t for t in targets if t.edit is not None]
+    for i, t in enumerate(edited):
+        t.tag = i
+    return heads.EditBatch([t.edit for t in edited]) if edited else None
 
 
-def edit_context(model, edit, start):
-    return contextlib.nullcontext() if edit is None else heads.edited(model, edit, start)
+def edit_context(model, batch, tags, starts):
+    """heads.edited for rows tagged with their edits (starts: heads.row_starts); nothing when no row is edited."""
+    if batch is None or all(tag == heads.NO_EDIT for tag in tags):
+        return contextlib.nullcontext()
+    return heads.edited(model, batch, starts, rows=torch.tensor(tags))
+
+
+def prompt_variants(targets, stage):
+    """The distinct edited prompts of a stage: the unedited one (shared by the baseline and every edit that does not
+    reach the prompt), then one per edit that does (heads.edit_start). -> edit tags"""
+    return [heads.NO_EDIT] + [t.tag for t in targets if t.reaches_prompt(stage)]
+
+
+def variant_of(t, stage):
+    return t.tag if t.reaches_prompt(stage) else heads.NO_EDIT
+
+
+def cache_rows(cache, index):
+    """A KV cache holding the rows `index` of `cache` (repeats allowed); `cache` stays as it is. None for None."""
+    if cache is None:
+        return None
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.batch_select_indices(torch.as_tensor(index, device=cache.layers[0].keys.device))
+    return new
+
+
+@dataclass
+class Primer:
+    """The tokens every prompt starts with, run once per prompt variant: their ids and KV cache (a row per variant)."""
+    ids: list
+    variants: list
+    cache: object
+
+    def rows(self, variants):
+        return cache_rows(self.cache, [self.variants.index(v) for v in variants])
+
+
+@torch.no_grad()
+def make_primer(model, primer_ids, targets, batch, stage):
+    """Run the primer once per prompt variant of `stage` (every token edited in the variants that reach the prompt)."""
+    if not primer_ids:
+        return None
+    variants = prompt_variants(targets, stage)
+    ids = torch.tensor([primer_ids] * len(variants), device=model.device)
+    with edit_context(model, batch, variants, None):
+        out = model(ids, use_cache=True, logits_to_keep=1)
+    return Primer(list(primer_ids), variants, out.cache)
 
 
 # ---- MC1 / MC2 / MC3 (TruthfulQA's definitions)
@@ -123,77 +178,56 @@ def mc_metrics(scores_true, scores_false, i_best):
 
 
 def encode_question(tokenizer, question, instruction):
-    """(prompt ids [1, p], the answers scored: correct ones (best included) then incorrect, their token ids, i_best).
+    """(prompt ids, the answers scored: correct ones (best included) then incorrect, their token ids, i_best).
     Each answer is ' ' + the closed answer, tokenized alone and appended to the prompt's tokens."""
     correct = question["correct"] + ([question["best"]] if question["best"] not in question["correct"] else [])
-    answers = correct + question["incorrect"]
-    prompt_ids = tokenizer(tqa.qa_prompt(question["question"], instruction), return_tensors="pt")["input_ids"]
+    prompt_ids = tokenizer(tqa.qa_prompt(question["question"], instruction))["input_ids"]
     answer_ids = [tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"]
-                  for a in answers]
+                  for a in correct + question["incorrect"]]
     return prompt_ids, answer_ids, len(correct), correct.index(question["best"])
 
 
 @torch.no_grad()
-def make_primer(model, primer_ids, edit=None):
-    """The tokens every prompt starts with (ITI's instruction and the QA primer, about 250 tokens), run once: their
-    ids and KV cache, reused by every question. `edit`: on for an edit that reaches the prompt (apply 'all')."""
-    if not primer_ids:
-        return None
-    with edit_context(model, edit, None):
-        out = model(torch.tensor([primer_ids], device=model.device), use_cache=True, logits_to_keep=1)
-    return {"ids": list(primer_ids), "cache": out.cache}
-
-
-def primer_cache(primer, batch):
-    """(tokens it covers, a copy of its KV cache for `batch` rows); (0, None) without a primer."""
-    if primer is None:
-        return 0, None
-    cache = copy.deepcopy(primer["cache"])  # a forward appends to it; the primer must stay as it is
-    cache.batch_repeat_interleave(batch)
-    return len(primer["ids"]), cache
+def plain_answer_logprobs(model, prompt_ids, answer_ids, target=Target()):
+    """The plain definition: for each answer one full forward of prompt + answer, the edit placed by heads.edit_start,
+    the answer tokens' log-probs summed."""
+    scores = []
+    for answer in answer_ids:
+        ids = torch.tensor([prompt_ids + answer], device=model.device)
+        start = None if target.edit is None else heads.edit_start(target.apply, "mc", torch.tensor([len(prompt_ids)]))
+        with contextlib.nullcontext() if target.edit is None else heads.edited(model, target.edit, start):
+            logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)  # [seq - 1, vocab]
+        scores.append(logprobs[len(prompt_ids) - 1:].gather(1, ids[0, len(prompt_ids):, None]).sum().item())
+    return scores
 
 
 @torch.no_grad()
-def run_prefix(model, prompt_ids, edit=None, primer=None):
-    """The prompt, once (after the primer's cached tokens, when given): (its KV cache, log-probs of the first answer
-    token [vocab]). The primer must have been run with the same edit as `edit`."""
-    S, cache = primer_cache(primer, 1)
-    positions = torch.arange(S, prompt_ids.shape[1], device=model.device)[None]  # [1, p - S]
-    with edit_context(model, edit, None):
-        out = model(prompt_ids[:, S:].to(model.device), position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1)  # lm_head on the last token only
-    return out.cache, out.logits[0, -1].float().log_softmax(-1)
-
-
-def prefix_is_edited(edit, apply):
-    """True when the edit reaches the prompt tokens in MC (apply 'all'): then the prefix cannot be shared."""
-    return edit is not None and heads.edit_start(apply, "mc", torch.zeros(1)) is None
-
-
-@torch.no_grad()
-def answer_logprobs(model, prompt_ids, answer_ids, edit=None, apply="iti", shared_prefix=None, primer=None):
-    """Summed log-prob of each answer after the prompt. The prompt is run once (run_prefix) and its KV cache expanded to
-    the n answers, which run as one right-padded batch. shared_prefix: an unedited run_prefix to reuse (baseline and
-    ITI edits, whose MC edit starts at the first answer token); ignored when the edit reaches the prompt.
-    primer: make_primer's cache of the prompt's first tokens, run with the edit when it reaches the prompt."""
-    n, p = len(answer_ids), prompt_ids.shape[1]
-    edited_prefix = prefix_is_edited(edit, apply)
-    if shared_prefix is None or edited_prefix:
-        shared_prefix = run_prefix(model, prompt_ids, edit if edited_prefix else None, primer)
-    cache, first_logprobs = shared_prefix
-    cache = copy.deepcopy(cache)  # the forward appends to it; the shared prefix must stay as it is
-    cache.batch_repeat_interleave(n)
-    longest = max(len(a) for a in answer_ids)
-    ids = torch.tensor([a + [0] * (longest - len(a)) for a in answer_ids], device=model.device)  # [n, longest]
-    real = torch.tensor([[1] * len(a) + [0] * (longest - len(a)) for a in answer_ids], device=model.device)
-    mask = torch.cat([torch.ones(n, p, dtype=real.dtype, device=model.device), real], 1)  # [n, p + longest]
-    positions = (p + torch.arange(longest, device=model.device)).expand(n, -1)
-    start = None if edited_prefix or edit is None else torch.zeros(n, dtype=torch.long)  # every token of this call
-    with edit_context(model, edit, start):
-        logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
-    # [n, longest, vocab]: the first answer token's log-prob comes from the prompt's last position
-    logprobs = torch.cat([first_logprobs.expand(n, 1, -1), logits[:, :-1].float().log_softmax(-1)], 1)
-    return (logprobs.gather(2, ids[..., None])[..., 0] * real).sum(1).tolist()
+def answer_logprobs(model, prompt_ids, answer_ids, targets=(Target(),), batch=None, primer=None):
+    """The fast version: [targets][answers] summed log-probs. The prompt (after the primer's cached tokens) runs once
+    per variant; then every (target, answer) pair is a row of one right-padded batch on its variant's KV cache, each
+    row tagged with its target's edit."""
+    S, p, n = len(primer.ids) if primer else 0, len(prompt_ids), len(answer_ids)
+    variants = prompt_variants(targets, "mc")
+    applies = [next((t.apply for t in targets if t.tag == v and v != heads.NO_EDIT), None) for v in variants]
+    rest = torch.tensor([prompt_ids[S:]] * len(variants), device=model.device)  # [variants, p - S]
+    positions = torch.arange(S, p, device=model.device).expand(len(variants), -1)
+    # the first answer token follows this call: edit_start says whether each variant's edit reaches the prompt
+    with edit_context(model, batch, variants, heads.row_starts(applies, "mc", torch.full((len(variants),), p - S))):
+        out = model(rest, position_ids=positions, cache=primer.rows(variants) if primer else None, use_cache=True,
+                    logits_to_keep=1)
+    first = out.logits[:, -1].float().log_softmax(-1)  # [variants, vocab]: the first answer token's log-probs
+    row_variant = torch.tensor([variants.index(variant_of(t, "mc")) for t in targets]).repeat_interleave(n)
+    longest, rows = max(map(len, answer_ids)), len(targets) * n
+    ids = torch.tensor([a + [0] * (longest - len(a)) for a in answer_ids], device=model.device).repeat(len(targets), 1)
+    real = torch.tensor([[1] * len(a) + [0] * (longest - len(a)) for a in answer_ids]).repeat(len(targets), 1)
+    real = real.to(model.device)  # [rows, longest]
+    mask = torch.cat([torch.ones(rows, p, dtype=real.dtype, device=model.device), real], 1)  # [rows, p + longest]
+    starts = heads.row_starts([t.apply for t in targets for _ in range(n)], "mc", torch.zeros(rows, dtype=torch.long))
+    with edit_context(model, batch, [t.tag for t in targets for _ in range(n)], starts):
+        logits = model(ids, attention_mask=mask, position_ids=(p + torch.arange(longest, device=model.device)).expand(
+            rows, -1), cache=cache_rows(out.cache, row_variant), use_cache=True).logits  # [rows, longest, vocab]
+    logprobs = torch.cat([first[row_variant.to(first.device)][:, None], logits[:, :-1].float().log_softmax(-1)], 1)
+    return (logprobs.gather(2, ids[..., None])[..., 0] * real).sum(1).view(len(targets), n).tolist()
 
 
 # ---- Generation
@@ -203,31 +237,45 @@ def cut_answer(text):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", generator=None, stop=True,
-             primer=None):
-    """Continue each prompt (left-padded batch, KV cache): greedy, or sampled when `generator` (a torch.Generator) is
-    given. The edit follows heads.edit_start(apply, 'generate', last prompt token). Returns the continuations' text;
-    with `stop`, it ends once every continuation holds a newline or 'Q:' (what cut_answer keeps is then complete).
-    primer: make_primer's cache of the tokens every prompt starts with (run with the edit when apply is 'all'); the
-    rest of each prompt is left-padded after it: [primer | pads | rest of prompt | generated]."""
-    S, cache = primer_cache(primer, len(prompts))
+def plain_greedy(model, tokenizer, prompt, max_new_tokens, target=Target()):
+    """The plain definition: greedy decoding by full recomputation (no KV cache), the edit placed by heads.edit_start
+    from the last prompt token on."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = list(prompt_ids)
+    start = None if target.edit is None else heads.edit_start(target.apply, "generate", torch.tensor([len(ids) - 1]))
+    for _ in range(max_new_tokens):
+        with contextlib.nullcontext() if target.edit is None else heads.edited(model, target.edit, start):
+            ids.append(int(model(torch.tensor([ids], device=model.device)).logits[0, -1].argmax()))
+    return tokenizer.decode(ids[len(prompt_ids):], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, targets=None, batch=None, primer=None, generator=None,
+             stop=True):
+    """The fast version: continue each prompt under its target's edit (targets: one per prompt; None: unedited) in one
+    left-padded KV-cached batch: greedy, or sampled when `generator` (a torch.Generator) is given. With `stop`, it ends
+    once every continuation holds a newline or 'Q:' (what cut_answer keeps is then complete). primer: make_primer's
+    cache of the tokens every prompt starts with: [primer | pads | rest of prompt | generated]."""
+    targets = targets or [Target()] * len(prompts)
+    S = len(primer.ids) if primer else 0
     prompt_ids = tokenizer(prompts)["input_ids"]
-    if primer is not None and any(ids[:S] != primer["ids"] for ids in prompt_ids):
+    if primer is not None and any(ids[:S] != primer.ids for ids in prompt_ids):
         raise ValueError("generate: a prompt does not start with the primer's tokens")
     rests = [ids[S:] for ids in prompt_ids]
-    batch, seq = len(rests), max(map(len, rests))
-    ids = torch.full((batch, seq), tokenizer.pad_token_id, dtype=torch.long)  # [batch, seq]
+    rows, seq = len(rests), max(map(len, rests))
+    ids = torch.full((rows, seq), tokenizer.pad_token_id, dtype=torch.long)  # [rows, seq]
     mask = torch.zeros_like(ids)
     for i, rest in enumerate(rests):
         ids[i, seq - len(rest):], mask[i, seq - len(rest):] = torch.tensor(rest), 1
     ids, mask = ids.to(model.device), mask.to(model.device)
     positions = S + (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
-    mask = torch.cat([mask.new_ones(batch, S), mask], 1)  # [batch, S + seq]: the primer is seen by every row
-    # every row's last prompt token sits at column seq - 1: one start for all rows, whatever rows remain
-    start = None if edit is None else heads.edit_start(apply, "generate", torch.full((1,), seq - 1))
-    tokens = [[] for _ in range(batch)]  # generated ids of each prompt
-    active = torch.arange(batch)  # the prompts still generating, one per row of the running batch
-    with edit_context(model, edit, start):
+    mask = torch.cat([mask.new_ones(rows, S), mask], 1)  # [rows, S + seq]: the primer is seen by every row
+    cache = primer.rows([variant_of(t, "generate") for t in targets]) if primer else None
+    # every row's last prompt token sits at column seq - 1 of this block
+    starts = heads.row_starts([t.apply for t in targets], "generate", torch.full((rows,), seq - 1))
+    tokens = [[] for _ in range(rows)]  # generated ids of each prompt
+    active = torch.arange(rows)  # the prompts still generating, one per row of the running batch
+    with edit_context(model, batch, [t.tag for t in targets], starts) as placement:
         out = model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # [rows, vocab]
@@ -248,6 +296,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
                 active, keep = active[keep], keep.to(model.device)
                 token, mask, positions = token[keep], mask[keep], positions[keep]
                 out.cache.batch_select_indices(keep)
+                placement is not None and placement.keep(keep)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             positions = positions[:, -1:] + 1
             out = model(token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True)
@@ -256,15 +305,31 @@ def generate(model, tokenizer, prompts, max_new_tokens, edit=None, apply="iti", 
 
 # ---- CE and KL on unrelated text
 
-def hub_documents(name):
-    """The 'text' column of a hub dataset's train split, or the exception that stopped it (offline)."""
-    if not models.hub_reachable():
-        return ConnectionError("the Hugging Face hub is unreachable")
-    try:
-        from datasets import load_dataset
-        return list(load_dataset(name, split="train")["text"])
-    except Exception as e:
-        return e
+@torch.no_grad()
+def ce_kl(model, tokenizer, docs, targets, batch, max_tokens, batch_size):
+    """Per target: mean next-token CE of the edited model and mean KL(original || edited) over the same tokens. The
+    unedited log-probs are computed once per batch of documents; the edited rows of several targets share a forward."""
+    sums = np.zeros((len(targets), 2))
+    n_tokens, per_forward = 0, 2  # targets per edited forward: its logits are [2 x documents, tokens, vocab]
+    tokenizer.padding_side = "right"
+    for i in tqdm(range(0, len(docs), batch_size), desc="CE/KL"):
+        enc = tokenizer(docs[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_tokens).to(model.device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # [docs, seq]
+        counted = (mask[:, 1:] * mask[:, :-1]).float()  # positions that predict a real next token
+        reference = model(**enc).logits[:, :-1].float().log_softmax(-1)  # [docs, seq-1, vocab]
+        n_tokens += counted.sum().item()
+        for g in range(0, len(targets), per_forward):
+            group, d = targets[g:g + per_forward], len(ids)
+            tags = [t.tag for t in group for _ in range(d)]
+            starts = heads.row_starts([t.apply for t in group for _ in range(d)], "text", torch.zeros(len(tags)))
+            with edit_context(model, batch, tags, starts):
+                logits = model(input_ids=ids.repeat(len(group), 1), attention_mask=mask.repeat(len(group), 1)).logits
+            logprobs = logits[:, :-1].float().log_softmax(-1).view(len(group), d, *reference.shape[1:])
+            ce = -(logprobs.gather(3, ids[None, :, 1:, None].expand(len(group), -1, -1, 1))[..., 0] * counted)
+            kl = (reference.exp() * (reference - logprobs)).sum(-1) * counted  # [group, docs, seq-1]
+            sums[g:g + len(group)] += torch.stack([ce.sum((1, 2)), kl.sum((1, 2))], 1).double().cpu().numpy()
+    return [{"ce": ce / n_tokens, "kl": kl / n_tokens} for ce, kl in sums]
 
 
 def load_texts(args, model, tokenizer, model_about):
@@ -276,9 +341,7 @@ def load_texts(args, model, tokenizer, model_about):
             print(f"cannot reach {HUB_TEXT} ({type(docs).__name__}): using text the model samples itself (--text self)")
             source = "self"
     elif source != "self" and os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            docs = [json.loads(line)["text"] for line in f if line.strip()] if source.endswith(".jsonl") else \
-                re.split(r"\n\s*\n", f.read())
+        docs = read_text_file(source)
     elif source != "self" and isinstance(docs := hub_documents(source), Exception):
         raise SystemExit(f"--text {source}: not a local file and not loadable from the hub ({type(docs).__name__}); "
                          "pass a local .txt/.jsonl, or --text self for text the model samples itself")
@@ -291,6 +354,34 @@ def load_texts(args, model, tokenizer, model_about):
     return [docs[i] for i in sorted(keep.tolist())], {"source": source, "n_documents": int(len(keep))}
 
 
+def hub_documents(name):
+    """The 'text' column of a hub dataset's train split, or the exception that stopped it (offline)."""
+    if not models.hub_reachable():
+        return ConnectionError("the Hugging Face hub is unreachable")
+    try:
+        from datasets import load_dataset
+        return list(load_dataset(name, split="train")["text"])
+    except Exception as e:
+        return e
+
+
+def read_text_file(path):
+    """Documents of a local .jsonl ({"text": ...} per line) or text file (split at blank lines), or a sentence."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                return re.split(r"\n\s*\n", f.read())
+            lines = [(i, json.loads(line)) for i, line in enumerate(f, 1) if line.strip()]
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"--text {path} is not a UTF-8 text or JSON-lines file ({type(e).__name__}): pass a .txt "
+                         "(documents split by blank lines) or a .jsonl with a \"text\" key per line") from None
+    bad = [i for i, row in lines if not isinstance(row, dict) or not isinstance(row.get("text"), str)]
+    if bad:
+        raise SystemExit(f"--text {path}: line {bad[0]} (and {len(bad) - 1} more) has no \"text\" string; each line "
+                         "must be a JSON object such as {\"text\": \"...\"}")
+    return [row["text"] for _, row in lines]
+
+
 def self_texts(args, model, tokenizer, model_about):
     """Offline CE/KL text: documents the unedited model samples (seeded, temperature 1) from NEUTRAL_PROMPTS, cached
     per model; on the model's own text, KL(original || edited) is the per-token divergence a user of it would see."""
@@ -300,44 +391,54 @@ def self_texts(args, model, tokenizer, model_about):
     about = {"source": "self", "note": "text sampled by the unedited model from evaluate.NEUTRAL_PROMPTS "
              "(seeded, temperature 1): the hub sample was not used", "n_documents": args.n_texts, "cache": path}
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f), about
+        return read_json(path), about
     generator, docs = torch.Generator().manual_seed(args.seed), []
     prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(args.n_texts)]
     for i in tqdm(range(0, len(prompts), 16), desc="sampling offline CE/KL text (once per model)"):
         batch = prompts[i:i + 16]
-        docs += [p + t for p, t in zip(batch, generate(model, tokenizer, batch, args.text_tokens,
-                                                         generator=generator, stop=False))]
+        docs += [p + t for p, t in zip(batch, generate(model, tokenizer, batch, args.text_tokens, generator=generator,
+                                                         stop=False))]
     runfiles.write_json(path, docs)
     return docs, about
 
 
-@torch.no_grad()
-def ce_kl(model, tokenizer, docs, targets, max_tokens, batch_size):
-    """Per target: mean next-token CE of the edited model and mean KL(original || edited) over the same tokens. The
-    unedited log-probs are computed once per batch and reused for every edit; edits apply at every token."""
-    sums = [[0.0, 0.0] for _ in targets]
-    n_tokens = 0
-    tokenizer.padding_side = "right"
-    for i in tqdm(range(0, len(docs), batch_size), desc="CE/KL"):
-        enc = tokenizer(docs[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_tokens).to(model.device)
-        ids, mask = enc["input_ids"], enc["attention_mask"]  # [batch, seq]
-        counted = (mask[:, 1:] * mask[:, :-1]).float()  # positions that predict a real next token
-        reference = model(**enc).logits[:, :-1].float().log_softmax(-1)  # [batch, seq-1, vocab]
-        n_tokens += counted.sum().item()
-        for sum_, t in zip(sums, targets):
-            if t["edit"] is None:
-                logprobs = reference
-            else:
-                with heads.edited(model, t["edit"], heads.edit_start(t["apply"], "text", None)):
-                    logprobs = model(**enc).logits[:, :-1].float().log_softmax(-1)
-            sum_[0] -= (logprobs.gather(2, ids[:, 1:, None])[..., 0] * counted).sum().item()
-            sum_[1] += ((reference.exp() * (reference - logprobs)).sum(-1) * counted).sum().item()
-    return [{"ce": ce / n_tokens, "kl": kl / n_tokens} for ce, kl in sums]
+# ---- Judging (Truth, Info)
+
+def judge_id(spec):
+    """Which judge: its spec, and for a judge file its content's hash too (a retrained judge judges again)."""
+    return f"{spec}#{judge.checksum(spec)[:16]}" if os.path.isfile(spec) else spec
 
 
-# ---- Resumable per-question rows
+def load_judges(args):
+    """{kind: judge}: loaded before the long part, so a judge that cannot load stops the run before any scoring."""
+    return {kind: judge.load_judge(spec, kind, args.judge_device or args.device, args.dtype)
+            for kind, spec in (("truth", args.truth_judge), ("info", args.info_judge))}
+
+
+def judge_rows(targets, judges):
+    """Truth and Info for every row lacking them (or judged by another judge); rows rewritten after each batch."""
+    abouts = {}
+    for kind, scorer in judges.items():
+        which = judge_id(scorer.about["judge"])
+        abouts[kind] = dict(scorer.about, id=which)
+        pending = [(t, r) for t in targets for r in t.rows.values() if r.get(f"{kind}_spec") != which]
+        for i in tqdm(range(0, len(pending), 64), desc=f"{kind} judge"):
+            part = pending[i:i + 64]
+            probs = scorer.score([r["question"] for _, r in part], [r["answer"] for _, r in part])
+            for (_, row), p in zip(part, probs):
+                row.update({f"{kind}_p": runfiles.finite_or_none(p), f"{kind}_spec": which, f"{kind}_judge": abouts[kind],
+                            kind: None if runfiles.finite_or_none(p) is None else float(p >= judge.THRESHOLD)})
+            for t in {id(t): t for t, _ in part}.values():
+                runfiles.write_text(t.jsonl, "".join(json.dumps(r, allow_nan=False) + "\n" for r in t.rows.values()))
+    return abouts
+
+
+# ---- Rows, metrics, results
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
 
 def read_rows(path, key):
     """{question: row} of an earlier run; drops a line cut off by a kill; refuses rows made with other settings."""
@@ -362,190 +463,251 @@ def read_rows(path, key):
     return rows
 
 
-def append_rows(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+def append_rows(t, rows):
+    with open(t.jsonl, "a") as f:
+        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
+    t.rows.update({r["question"]: r for r in rows})
 
 
-def rewrite_rows(path, rows):
-    runfiles.write_atomic(path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
-
-
-def score_questions(model, tokenizer, questions, targets, args, skip):
-    """MC and generation for every target, a chunk of --batch-size questions at a time, rows appended per chunk. The
-    unedited prompt prefix of each question is computed once and shared by the baseline and every ITI edit."""
-    prompts = [tqa.qa_prompt(q["question"], args.instruction) for q in questions]
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    primer_ids, primers = prompt_ids[0][:tqa.shared_prefix_length(prompt_ids)], {}
-
-    def primer(t):
-        """The prompts' common start, run once: unedited for the baseline and ITI edits, once per edit that reaches
-        the prompt (apply 'all')."""
-        name = t["name"] if prefix_is_edited(t["edit"], t["apply"]) else None
-        if name not in primers:
-            primers[name] = make_primer(model, primer_ids, t["edit"] if name else None)
-        return primers[name]
-
-    for c0 in tqdm(range(0, len(questions), args.batch_size), desc="questions"):
-        chunk = questions[c0:c0 + args.batch_size]
-        todo = [t for t in targets if any(q["question"] not in t["rows"] for q in chunk)]
-        rows = {t["name"]: [{"question": q["question"], "category": q["category"], "key": t["key"]} for q in chunk]
-                for t in todo}
-        for j, q in enumerate(chunk):
-            if "mc" in skip or not todo:
-                break
-            prompt_ids, answer_ids, n_correct, i_best = encode_question(tokenizer, q, args.instruction)
-            shared = None  # one question's unedited prompt KV cache: layers x 2 x kv_heads x head_dim x p floats
-            for t in todo:
-                if shared is None and not prefix_is_edited(t["edit"], t["apply"]):
-                    shared = run_prefix(model, prompt_ids, primer=primer(t))
-                scores = answer_logprobs(model, prompt_ids, answer_ids, t["edit"], t["apply"], shared, primer(t))
-                rows[t["name"]][j].update(scores_true=scores[:n_correct], scores_false=scores[n_correct:],
-                                          **mc_metrics(scores[:n_correct], scores[n_correct:], i_best))
-        for t in todo:
-            if "generation" not in skip:
-                raw = generate(model, tokenizer, prompts[c0:c0 + args.batch_size], args.max_new_tokens, t["edit"],
-                               t["apply"], primer=primer(t))
-                for row, text in zip(rows[t["name"]], raw):
-                    row.update(generation=text, answer=cut_answer(text))
-            new = [r for r in rows[t["name"]] if r["question"] not in t["rows"]]
-            append_rows(t["jsonl"], new)
-            t["rows"].update({r["question"]: r for r in new})
-
-
-def judge_id(spec):
-    """Which judge: its spec, and for a judge file its content's hash too (a retrained judge judges again)."""
-    return f"{spec}#{judge.checksum(spec)[:16]}" if os.path.isfile(spec) else spec
-
-
-def judge_rows(targets, args):
-    """Truth and Info for every row lacking them (or judged by another judge); rows rewritten after each batch."""
-    abouts = {}
-    for kind, spec in (("truth", args.truth_judge), ("info", args.info_judge)):
-        which = judge_id(spec)
-        pending = [(t, r) for t in targets for r in t["rows"].values() if r.get(f"{kind}_spec") != which]
-        if not pending:
-            abouts[kind] = next(iter(targets[0]["rows"].values()))[f"{kind}_judge"]
-            continue
-        scorer = judge.load_judge(spec, kind, args.judge_device or args.device, args.dtype)
-        abouts[kind] = dict(scorer.about, id=which)
-        for i in tqdm(range(0, len(pending), 64), desc=f"{kind} judge"):
-            part = pending[i:i + 64]
-            probs = scorer.score([r["question"] for _, r in part], [r["answer"] for _, r in part])
-            for (_, row), p in zip(part, probs):
-                row.update({f"{kind}_p": p, kind: float(p >= judge.THRESHOLD), f"{kind}_spec": which,
-                            f"{kind}_judge": abouts[kind]})
-            for t in {id(t): t for t, _ in part}.values():
-                rewrite_rows(t["jsonl"], list(t["rows"].values()))
-        del scorer
-    return abouts
+def mc_row(scores, n_correct, i_best):
+    """A question's MC fields; a non-finite score (an edit that overflows the model) gives nulls, never NaN."""
+    finite = [runfiles.finite_or_none(s) for s in scores]
+    m = mc_metrics(scores[:n_correct], scores[n_correct:], i_best) if None not in finite else {}
+    return dict(scores_true=finite[:n_correct], scores_false=finite[n_correct:],
+                **{k: runfiles.finite_or_none(m.get(k)) for k in ("mc1", "mc2", "mc3")})
 
 
 def metrics(rows, text_scores):
-    """Means over questions; Info*Truth = mean(truth) * mean(info), the product of the two averages."""
-    def mean(name):
-        values = [r[name] for r in rows if name in r]
-        return float(np.mean(values)) if len(values) == len(rows) else None
-    m = {name: mean(name) for name in ("mc1", "mc2", "mc3", "truth", "info")}
+    """Means over questions; Info*Truth = mean(truth) * mean(info), the product of the two averages. A metric some
+    row lacks a finite value of is null, with the reason under 'null_reasons'."""
+    m, reasons = {}, {}
+    for name in ("mc1", "mc2", "mc3", "truth", "info"):
+        values = [r.get(name) for r in rows if name in r]
+        m[name] = float(np.mean(values)) if len(values) == len(rows) and None not in values else None
+        if values and None in values:
+            reasons[name] = f"{values.count(None)} of {len(rows)} questions have no finite value (NaN/inf scores)"
     m["info_truth"] = None if m["truth"] is None or m["info"] is None else m["truth"] * m["info"]
-    return dict(m, **(text_scores or {"ce": None, "kl": None}), n_questions=len(rows))
+    text = {k: runfiles.finite_or_none(v) for k, v in (text_scores or {"ce": None, "kl": None}).items()}
+    reasons.update({k: "the edited model's CE/KL is NaN or inf" for k, v in text.items() if v is None and text_scores})
+    return dict(m, **text, n_questions=len(rows), null_reasons=reasons)
 
 
 def write_result(t, questions, text_scores, judges_about, settings, args):
-    rows = [t["rows"][q["question"]] for q in questions]
-    runfiles.write_json(t["json"], {"metrics": metrics(rows, text_scores), "edit": t["meta"], "edit_file": t["edit_file"],
-                                  "apply": t["apply"], "settings": dict(settings, rows_key=t["key"]),
-                                  "judges": judges_about,
-                                  "run": runfiles.run_info(args)})
-    print(f"{t['json']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(rows, text_scores).items() if v is not None))
+    m = metrics([t.rows[q["question"]] for q in questions], text_scores)
+    runfiles.write_json(t.json, {"metrics": m, "edit": t.meta, "edit_file": t.edit_file, "apply": t.apply,
+                                 "precision": settings["precision"], "settings": dict(settings, rows_key=t.key),
+                                 "judges": judges_about, "run": runfiles.run_info(args)})
+    print(f"{t.json}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float)))
 
 
 def finished(t, settings, judges):
     """True when an earlier run with these settings already wrote this edit's results (and judged them with the
     same judges, if asked: the rows of a run judged by others are kept, and only judged again).
     judges: {kind: judge_id} of the judges asked for, or None (no judging)."""
-    if not os.path.isfile(t["json"]):
+    if not os.path.isfile(t.json):
         return False
-    with open(t["json"]) as f:
-        result = json.load(f)
-    if result["settings"] != dict(settings, rows_key=t["key"]):
-        print(f"{t['json']}: made with other settings, redone")
+    result = read_json(t.json)
+    if result["settings"] != dict(settings, rows_key=t.key):
+        print(f"{t.json}: made with other settings, redone")
         return False
     if judges and {kind: (result["judges"] or {}).get(kind, {}).get("id") for kind in judges} != judges:
-        print(f"{t['json']}: judged by other judges (or not at all), judged again")
+        print(f"{t.json}: judged by other judges (or not at all), judged again")
         return False
-    print(f"{t['json']}: already done, skipped")
+    print(f"{t.json}: already done, skipped")
     return True
+
+
+# ---- The run
+
+def select_questions(args):
+    questions = tqa.load_split(args.data, args.seed, args.split)
+    if args.max_questions is not None and args.max_questions < len(questions):
+        if args.max_questions < 1:
+            raise SystemExit(f"--max-questions {args.max_questions}: give at least 1")
+        keep = np.random.default_rng(args.seed).choice(len(questions), args.max_questions, replace=False)
+        questions = [questions[i] for i in sorted(keep.tolist())]
+    return questions
+
+
+def plan_targets(args):
+    """One Target per --edit (name, edit file, output files), each output checked writable before any work."""
+    if len(args.edit) != len(set(args.edit)) or not args.edit:
+        raise SystemExit("--edit names a file twice (or nothing): give each edit file once (`none` = baseline)")
+    several = len(args.edit) > 1
+    if several and args.out.endswith(".json"):
+        raise SystemExit(f"--out {args.out}: with {len(args.edit)} edits --out must be a folder (a NAME.json per edit)")
+    targets = []
+    for path in args.edit:
+        name = "baseline" if path == "none" else os.path.splitext(os.path.basename(path))[0]
+        out = os.path.join(args.out, name + ".json") if several or not args.out.endswith(".json") else args.out
+        runfiles.check_writable(out)
+        targets.append(Target(name, edit_file=None if path == "none" else path, json=out))
+    if len({t.json for t in targets}) != len(targets):
+        raise SystemExit("two --edit files share a file stem: rename one, results are named after the stem")
+    return targets
+
+
+def check_edit_split(t, args):
+    """Refuses an edit fitted on other questions than the split scored assumes: another --seed or --data (its test
+    questions are then partly its training questions), or a scored split holding its training questions."""
+    seed, data = t.meta.get("seed"), t.meta.get("data") or (t.meta.get("run") or {}).get("data")
+    if seed is not None and str(seed) != str(args.seed):
+        raise SystemExit(f"{t.edit_file} was fitted with --seed {seed}, this run scores --seed {args.seed}: its "
+                         "training questions would be among the scored ones; pass --seed {seed} or refit the edit")
+    ours = tqa.data_version(args.data)
+    if isinstance(data, dict) and (data.get("sha256"), data.get("data") == "hub") != (ours["sha256"],
+                                                                                       ours["data"] == "hub"):
+        raise SystemExit(f"{t.edit_file} was fitted on --data {data.get('data')} ({data.get('version')}), this run "
+                         f"scores --data {args.data} ({ours['version']}): pass the edit's data, or refit the edit")
+    names = {"train", "val", "test"} if args.split == "all" else set(args.split.split("+"))
+    fitted_on = {"train", "val"} & names
+    if fitted_on:
+        raise SystemExit(f"--split {args.split} holds the {' and '.join(sorted(fitted_on))} questions an edit is "
+                         f"fitted on (probe statistics, IPO training and validation): score {t.edit_file} on "
+                         "--split test")
+
+
+def _holder(lock):
+    """The process id in a lock file, when that process is still alive; else None (a stale lock)."""
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def locked(targets):
+    """One run per output: a NAME.json.lock beside each result, refused while another live run holds it."""
+    held = []
+    try:
+        for t in targets:
+            lock = t.json + ".lock"
+            if _holder(lock) not in (None, os.getpid()):
+                raise SystemExit(f"{t.json} is being written by another evaluate.py run (process {_holder(lock)}, "
+                                 f"{lock}): wait for it to finish, or choose another --out")
+            runfiles.write_text(lock, str(os.getpid()))
+            held.append(lock)
+        yield
+    finally:
+        for lock in held:
+            if os.path.exists(lock):
+                os.remove(lock)
+
+
+def score_questions(model, tokenizer, questions, targets, args, skip):
+    """MC and generation for every target in one pass: per question, one MC forward holds the answers of all targets
+    (--batch-size rows at a time); generation rows are (target, question) pairs. Rows are appended per chunk of
+    questions (a resume step)."""
+    batch = edit_batch(targets)
+    prompts = [tqa.qa_prompt(q["question"], args.instruction) for q in questions]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    primer_ids = prompt_ids[0][:tqa.shared_prefix_length(prompt_ids)]
+    primers = {stage: make_primer(model, primer_ids, targets, batch, stage) for stage in ("mc", "generate")}
+    per_chunk = max(1, args.batch_size // len(targets))  # questions per chunk: a generation batch of all targets
+    for c0 in tqdm(range(0, len(questions), per_chunk), desc="questions"):
+        chunk = range(c0, min(c0 + per_chunk, len(questions)))
+        todo = [t for t in targets if any(questions[i]["question"] not in t.rows for i in chunk)]
+        rows = {t.name: {i: {"question": questions[i]["question"], "category": questions[i]["category"],
+                             "key": t.key} for i in chunk} for t in todo}
+        for i in chunk if "mc" not in skip else ():
+            prompt, answers, n_correct, i_best = encode_question(tokenizer, questions[i], args.instruction)
+            group = max(1, args.batch_size // len(answers))  # targets per MC forward
+            for g in range(0, len(todo), group):
+                part = todo[g:g + group]
+                for t, scores in zip(part, answer_logprobs(model, prompt, answers, part, batch, primers["mc"])):
+                    rows[t.name][i].update(mc_row(scores, n_correct, i_best))
+        pairs = [(t, i) for t in todo for i in chunk]
+        for p0 in range(0, len(pairs) if "generation" not in skip else 0, args.batch_size):
+            part = pairs[p0:p0 + args.batch_size]
+            raw = generate(model, tokenizer, [prompts[i] for _, i in part], args.max_new_tokens, [t for t, _ in part],
+                           batch, primers["generate"])
+            for (t, i), text in zip(part, raw):
+                rows[t.name][i].update(generation=text, answer=cut_answer(text))
+        for t in todo:
+            append_rows(t, [r for r in rows[t.name].values() if r["question"] not in t.rows])
 
 
 def judge_only(args, targets, questions):
     """Judge the generations an earlier run saved, and add Truth, Info and Info*Truth to its results."""
     for t in targets:
-        if not os.path.isfile(t["json"]):
-            raise SystemExit(f"--judge-only: {t['json']} is missing; first run without --judge-only "
+        if not os.path.isfile(t.json):
+            raise SystemExit(f"--judge-only: {t.json} is missing; first run without --judge-only "
                              "(e.g. with --judges none)")
-        with open(t["json"]) as f:
-            t["result"] = json.load(f)
-        t["rows"] = read_rows(t["jsonl"], t["result"]["settings"]["rows_key"])
-        if any("answer" not in t["rows"].get(q["question"], {}) for q in questions):
-            raise SystemExit(f"--judge-only: {t['jsonl']} lacks generations for some of these questions; rerun without "
+        t.result = read_json(t.json)
+        t.rows = read_rows(t.jsonl, t.result["settings"]["rows_key"])
+        if any("answer" not in t.rows.get(q["question"], {}) for q in questions):
+            raise SystemExit(f"--judge-only: {t.jsonl} lacks generations for some of these questions; rerun without "
                              "--judge-only and the same arguments to finish them")
-    abouts = judge_rows(targets, args)
+    abouts = judge_rows(targets, load_judges(args))
     for t in targets:
-        r = t["result"]
+        r = t.result
         text = {k: r["metrics"][k] for k in ("ce", "kl")}
-        r.update(metrics=metrics([t["rows"][q["question"]] for q in questions], text), judges=abouts)
+        r.update(metrics=metrics([t.rows[q["question"]] for q in questions], text), judges=abouts)
         r["run_judges"] = runfiles.run_info(args)
-        runfiles.write_json(t["json"], r)
-        print(f"{t['json']}: truth {r['metrics']['truth']:.4g}, info {r['metrics']['info']:.4g}")
+        runfiles.write_json(t.json, r)
+        print(f"{t.json}: truth {r['metrics']['truth']}, info {r['metrics']['info']}")
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def check_args(args):
+    """The arguments' sentences, before anything loads."""
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"mc", "generation", "text"}:
         raise SystemExit(f"--skip {args.skip}: choose from mc, generation, text (comma-separated)")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.n_texts < 1 or args.text_tokens < 2:
         raise SystemExit("--batch-size, --max-new-tokens and --n-texts must be at least 1, --text-tokens at least 2")
-    questions, targets = select_questions(args), plan_outputs(args)
+    for device in {args.device, args.judge_device or args.device}:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: this torch sees no CUDA GPU; pass --device cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return skip
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    skip = check_args(args)
+    questions, targets = select_questions(args), plan_targets(args)
     if args.judge_only:
-        return judge_only(args, targets, questions)
+        with locked(targets):
+            return judge_only(args, targets, questions)
     use_judges = args.judges != "none" and "generation" not in skip
     model, tokenizer, model_about = models.load_model(args.model, args.dtype, args.device)
     settings = {"model": model_about, "data": args.data, "split": args.split, "seed": args.seed,
                 "max_questions": args.max_questions, "questions": len(questions), "instruction": args.instruction,
                 "mc": "summed log-probs of the tokens of ' ' + closed answer after tqa.qa_prompt",
-                "generation": {"max_new_tokens": args.max_new_tokens, "prompt_end": PROMPT_END, "rule": CUT_RULE,
-                               "batch_size": args.batch_size}, "skip": sorted(skip)}
+                "generation": {"max_new_tokens": args.max_new_tokens, "prompt_end": PROMPT_END, "rule": CUT_RULE},
+                "skip": sorted(skip), "precision": {"dtype": args.dtype}}
     for t in targets:
-        edit = None if t["edit_file"] is None else heads.load_edit(t["edit_file"], model)
-        meta = None if edit is None else edit.meta
-        apply = None if edit is None else (args.apply or meta.get("apply")
-                                           or ("iti" if meta.get("method") == "iti" else "all"))
-        key = hashlib.sha1(json.dumps([settings, meta, apply], sort_keys=True).encode()).hexdigest()[:16]
-        t.update(edit=edit, meta=meta, apply=apply, key=key, rows=read_rows(t["jsonl"], key))
+        if t.edit_file is not None:
+            t.edit = heads.load_edit(t.edit_file, model)
+            t.apply = args.apply or t.meta.get("apply") or ("iti" if t.meta.get("method") == "iti" else "all")
+            check_edit_split(t, args)
+        t.key = hashlib.sha1(json.dumps([settings, t.meta, t.apply], sort_keys=True).encode()).hexdigest()[:16]
     if "text" not in skip:  # before the long part: a bad --text stops the run here, not after the questions
         docs, settings["text"] = load_texts(args, model, tokenizer, model_about)
         settings["text"].update(max_tokens=args.text_tokens, apply="every token", kl="KL(original || edited), "
                                 "mean over the tokens that predict a next token")
     judges = {"truth": judge_id(args.truth_judge), "info": judge_id(args.info_judge)} if use_judges else None
-    targets = [t for t in targets if not finished(t, settings, judges)]
-    if not targets:
-        return
-    score_questions(model, tokenizer, questions, targets, args, skip)
-    text_scores = [None] * len(targets)
-    if "text" not in skip:
-        text_scores = ce_kl(model, tokenizer, docs, targets, args.text_tokens, args.text_batch_size)
-    abouts = None
-    if use_judges:
-        del model  # the judges may need the memory
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        abouts = judge_rows(targets, args)
-    for t, text in zip(targets, text_scores):
-        write_result(t, questions, text, abouts, settings, args)
+    with locked(targets):
+        for t in targets:
+            t.rows = read_rows(t.jsonl, t.key)
+        targets = [t for t in targets if not finished(t, settings, judges)]
+        if not targets:
+            return
+        scorers = load_judges(args) if use_judges else None  # a judge that cannot load stops the run here
+        score_questions(model, tokenizer, questions, targets, args, skip)
+        text_scores = [None] * len(targets)
+        if "text" not in skip:
+            text_scores = ce_kl(model, tokenizer, docs, targets, edit_batch(targets), args.text_tokens,
+                                args.text_batch_size)
+        abouts = judge_rows(targets, scorers) if use_judges else None
+        for t, text in zip(targets, text_scores):
+            write_result(t, questions, text, abouts, settings, args)
 
 
 if __name__ == "__main__":

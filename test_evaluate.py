@@ -42,23 +42,13 @@ def save_test_edit(path, model, kind, scale=1.0, apply=None):
     return heads.load_edit(str(path), model)
 
 
-def plain_logprobs(model, tokenizer, question, instruction="default", edit=None, apply="iti"):
-    """The second implementation: one full forward of prompt + answer per answer, edit placed by heads.edit_start."""
-    prompt = tokenizer(tqa.qa_prompt(question["question"], instruction))["input_ids"]
-    scores = []
-    for answer in question["correct"] + question["incorrect"]:
-        ids = prompt + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        start = None if edit is None else heads.edit_start(apply, "mc", torch.tensor([len(prompt)]))
-        with torch.no_grad(), evaluate.edit_context(model, edit, start):
-            logprobs = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # [seq-1, vocab]
-        scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
-    return scores
+def target(edit=None):
+    return evaluate.Target(edit=edit, apply=None if edit is None else edit.meta["apply"])
 
 
-def batched_logprobs(model, tokenizer, question, instruction="default", edit=None, apply="iti", shared=None,
-                     primer=None):
-    prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, question, instruction)
-    return evaluate.answer_logprobs(model, prompt_ids, answer_ids, edit, apply, shared, primer)
+def primer_of(tokenizer, prompts):
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    return ids[0][:tqa.shared_prefix_length(ids)]
 
 
 def run(tmp_path, *args, data=None, text=True):
@@ -97,85 +87,99 @@ def test_mc_metrics_by_hand():
     assert evaluate.mc_metrics([-1000.0], [-1000.0 - math.log(3)], 0)["mc2"] == pytest.approx(0.75)
 
 
-# ---- the batched scorer against the plain one
+# ---- the fast scorer and generation against the plain ones, and an edit batch against one edit at a time
 
-def check_scorer(model, tokenizer, questions, tmp_path):
+def check_scorer(model, tokenizer, questions, tmp_path, tol=1e-4):
+    """One call scores every answer under the baseline, an ITI edit (unedited prompt, shared) and an every-token edit
+    (its own prompt): equal to the plain one-forward-per-answer scorer, and to the same call one target at a time."""
     iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=2.0)
     ipo = save_test_edit(tmp_path / "ipo.safetensors", model, "ipo", scale=0.3)
-    prompts = [tokenizer(tqa.qa_prompt(q["question"]))["input_ids"] for q in questions]
-    primer_ids = prompts[0][:tqa.shared_prefix_length(prompts)]
+    targets = [target(), target(iti), target(ipo)]
+    batch = evaluate.edit_batch(targets)
+    primer_ids = primer_of(tokenizer, [tqa.qa_prompt(q["question"]) for q in questions])
     assert len(primer_ids) > 100  # the instruction and the six-question primer, shared by every prompt
-    primer = evaluate.make_primer(model, primer_ids)
-    edited_primer = evaluate.make_primer(model, primer_ids, ipo)  # for the edit that reaches the prompt
+    primer = evaluate.make_primer(model, primer_ids, targets, batch, "mc")
+    assert primer.variants == [heads.NO_EDIT, 1]  # unedited (baseline and ITI), and the every-token edit's own
     for q in questions:
-        prompt_ids = tokenizer(tqa.qa_prompt(q["question"]), return_tensors="pt")["input_ids"]
-        shared = evaluate.run_prefix(model, prompt_ids)
-        plain = plain_logprobs(model, tokenizer, q)
-        assert batched_logprobs(model, tokenizer, q, shared=shared) == pytest.approx(plain, abs=1e-4)
-        shared_after_primer = evaluate.run_prefix(model, prompt_ids, primer=primer)
-        assert batched_logprobs(model, tokenizer, q, shared=shared_after_primer) == pytest.approx(plain, abs=1e-4)
-        for edit in (iti, ipo):
-            apply = edit.meta["apply"]
-            expected = plain_logprobs(model, tokenizer, q, edit=edit, apply=apply)
-            assert not expected == pytest.approx(plain, abs=1e-3)  # the edit does move the scores
-            # the shared (unedited) prefix is reused by the ITI edit and ignored by the every-token one
-            assert batched_logprobs(model, tokenizer, q, edit=edit, apply=apply, shared=shared) == pytest.approx(
-                expected, abs=1e-4)
-            # after a cached primer: unedited for ITI, run with the edit for the every-token edit
-            got = batched_logprobs(model, tokenizer, q, edit=edit, apply=apply, shared=shared_after_primer,
-                                   primer=edited_primer if apply == "all" else primer)
-            assert got == pytest.approx(expected, abs=1e-4)
+        prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, q, "default")
+        plain = [evaluate.plain_answer_logprobs(model, prompt_ids, answer_ids, t) for t in targets]
+        assert not plain[1] == pytest.approx(plain[0], abs=1e-3) and not plain[2] == pytest.approx(plain[0], abs=1e-3)
+        for p in (primer, None):
+            together = evaluate.answer_logprobs(model, prompt_ids, answer_ids, targets, batch, p)
+            for t, want, got in zip(targets, plain, together):
+                assert got == pytest.approx(want, abs=tol)
+                one = [evaluate.Target(edit=t.edit, apply=t.apply)]
+                alone = evaluate.answer_logprobs(model, prompt_ids, answer_ids, one, evaluate.edit_batch(one),
+                                                 evaluate.make_primer(model, primer_ids, one, evaluate.edit_batch(
+                                                     one), "mc") if p else None)[0]
+                assert got == pytest.approx(alone, abs=1e-5)
 
 
-def test_batched_scorer_equals_plain_scorer_on_fixture_rows(llama, tmp_path, fixture_csv):
+def test_fast_scorer_equals_plain_scorer_on_fixture_rows(llama, tmp_path, fixture_csv):
     model, tokenizer, _ = llama
     questions = tqa.load_truthfulqa(fixture_csv(tmp_path / "t.csv", n=3))
     check_scorer(model, tokenizer, questions, tmp_path)
 
 
-def test_batched_scorer_equals_plain_scorer_on_real_rows(llama, tmp_path):
+def test_fast_scorer_equals_plain_scorer_on_real_rows(llama, tmp_path):
     model, tokenizer, _ = llama
-    check_scorer(model, tokenizer, tqa.load_truthfulqa(tqa.DEFAULT_DATA)[:3], tmp_path)
+    check_scorer(model, tokenizer, tqa.load_truthfulqa(tqa.DEFAULT_DATA)[:2], tmp_path)
 
 
 def test_iti_edit_leaves_the_first_answer_token_and_prompt_alone(llama, tmp_path):
     """ITI's MC convention: edit from the first answer token, whose own log-prob comes from the unedited prompt."""
     model, tokenizer, _ = llama
-    q = {"question": "Why?", "correct": ["Yes."], "incorrect": ["No."], "best": "Yes."}  # one-token answers?
+    q = {"question": "Why?", "correct": ["Yes."], "incorrect": ["No."], "best": "Yes."}
     iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=5.0)
     prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, q, "none")
     one_token = [[a[0]] for a in answer_ids]
-    assert evaluate.answer_logprobs(model, prompt_ids, one_token, iti, "iti") == evaluate.answer_logprobs(
-        model, prompt_ids, one_token)
+    targets = [target(), target(iti)]
+    base, edited = evaluate.answer_logprobs(model, prompt_ids, one_token, targets, evaluate.edit_batch(targets))
+    assert base == edited
 
 
-# ---- generation
-
-def plain_greedy(model, tokenizer, prompt, n, edit=None, apply="iti"):
-    """Greedy decoding by full recomputation, the edit from the last prompt token on."""
-    ids = tokenizer(prompt)["input_ids"]
-    start = None if edit is None else heads.edit_start(apply, "generate", torch.tensor([len(ids) - 1]))
-    for _ in range(n):
-        with torch.no_grad(), evaluate.edit_context(model, edit, start):
-            ids = ids + [int(model(torch.tensor([ids])).logits[0, -1].argmax())]
-    return tokenizer.decode(ids[len(tokenizer(prompt)["input_ids"]):], skip_special_tokens=True)
-
-
-def test_batched_left_padded_generation_equals_plain_greedy(llama, tmp_path):
+def test_fast_generation_equals_plain_greedy(llama, tmp_path):
+    """Left-padded, KV-cached, after the cached primer, rows of three targets in one batch: as plain greedy decoding."""
     model, tokenizer, _ = llama
-    prompts = [tqa.qa_prompt("What is fact 1?", "none"), tqa.qa_prompt("Why is the sky blue on a clear day?")]
+    prompts = [tqa.qa_prompt("What is fact 1?"), tqa.qa_prompt("Why is the sky blue on a clear day?")]
     iti = save_test_edit(tmp_path / "iti.safetensors", model, "iti", scale=3.0)
     ipo = save_test_edit(tmp_path / "ipo.safetensors", model, "ipo", scale=0.3)
-    primer_ids = tokenizer(prompts[0])["input_ids"][:tqa.shared_prefix_length([tokenizer(p)["input_ids"]
-                                                                               for p in prompts])]
-    for edit, apply in ((None, "iti"), (iti, "iti"), (ipo, "all")):
-        want = [plain_greedy(model, tokenizer, p, 8, edit, apply) for p in prompts]
-        assert evaluate.generate(model, tokenizer, prompts, 8, edit, apply, stop=False) == want
-        # the same after the prompts' common start run once (with the edit when it reaches the prompt)
-        primer = evaluate.make_primer(model, primer_ids, edit if apply == "all" else None)
-        assert evaluate.generate(model, tokenizer, prompts, 8, edit, apply, stop=False, primer=primer) == want
-    assert evaluate.generate(model, tokenizer, prompts, 8, iti, "iti", stop=False) != evaluate.generate(
-        model, tokenizer, prompts, 8, stop=False)
+    targets = [target(), target(iti), target(ipo)]
+    want = [evaluate.plain_greedy(model, tokenizer, p, 8, t) for t in targets for p in prompts]
+    assert want[:2] != want[2:4] and want[:2] != want[4:]  # both edits move the generations
+    batch = evaluate.edit_batch(targets)
+    rows = [t for t in targets for _ in prompts]
+    for primer in (None, evaluate.make_primer(model, primer_of(tokenizer, prompts), targets, batch, "generate")):
+        assert evaluate.generate(model, tokenizer, prompts * 3, 8, rows, batch, primer, stop=False) == want
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-neox", "tiny-gemma3", "tiny-opt"])
+def test_edit_batch_equals_one_edit_at_a_time_across_architectures(tiny, name, tmp_path):
+    """Scores and generations of three edits (offset, rank-1, mean ablation) in one pass, each row tagged with its
+    edit, equal the edits applied one at a time (float32, 1e-5)."""
+    model, tokenizer, _ = tiny[name]
+    geo = heads.geometry(model)
+    g = torch.Generator().manual_seed(2)
+    mask = heads.heads_to_mask([(0, 1), (2, 3)], geo)
+    L, H, D = geo.n_layers, geo.n_heads, geo.head_dim
+    edits = [heads.Edit(geo, mask, offset=2 * torch.randn(L, H, D, generator=g), meta={"apply": "iti"}),
+             heads.Edit(geo, mask, a=torch.randn(L, H * D, generator=g), b=torch.randn(L, H * D, generator=g),
+                        meta={"apply": "all"}),
+             heads.Edit(geo, heads.heads_to_mask([(1, 0)], geo), ablate=torch.randn(L, H, D, generator=g))]
+    targets = [target()] + [target(e) for e in edits]
+    batch = evaluate.edit_batch(targets)
+    q = tqa.load_truthfulqa(tqa.DEFAULT_DATA)[5]
+    prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, q, "none")
+    together = evaluate.answer_logprobs(model, prompt_ids, answer_ids, targets, batch)
+    prompts = [tqa.qa_prompt(q["question"], "none"), tqa.qa_prompt("Why?", "none")]
+    texts = evaluate.generate(model, tokenizer, prompts * 4, 6, [t for t in targets for _ in prompts], batch, stop=False)
+    for i, t in enumerate(targets):
+        one = [evaluate.Target(edit=t.edit, apply=t.apply)]
+        alone = evaluate.answer_logprobs(model, prompt_ids, answer_ids, one, evaluate.edit_batch(one))[0]
+        assert together[i] == pytest.approx(alone, abs=1e-5)
+        assert texts[2 * i:2 * i + 2] == evaluate.generate(model, tokenizer, prompts, 6, one * 2,
+                                                           evaluate.edit_batch(one), stop=False)
+    assert len({tuple(s) for s in together}) == 4  # every edit moves the scores
 
 
 def test_cut_answer():
