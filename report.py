@@ -220,14 +220,20 @@ _ROWS = {}
 def rows(point):
     """{question: row} from NAME.jsonl beside the result (read once); None when it is missing."""
     path = point["path"][:-len(".json")] + ".jsonl"
+    stat = os.stat(path) if os.path.isfile(path) else None
+    path = (path, stat and (stat.st_mtime_ns, stat.st_size))  # a rewritten file is read again
     if path not in _ROWS:
-        if not os.path.isfile(path):
+        if stat is None:
             _ROWS[path] = None
         else:
-            with open(path) as f:
-                found = {r["question"]: r for r in map(json.loads, filter(str.strip, f))}
+            try:
+                with open(path[0]) as f:
+                    found = {r["question"]: r for r in map(json.loads, filter(str.strip, f))}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise SystemExit(f"{path[0]} holds a line that is not a per-question row ({e}): rerun evaluate.py "
+                                 "for that edit") from None
             if point.get("n_questions") not in (None, len(found)):
-                raise SystemExit(f"{path} holds {len(found)} rows but {point['path']} scored {point['n_questions']} "
+                raise SystemExit(f"{path[0]} holds {len(found)} rows but {point['path']} scored {point['n_questions']} "
                                  "questions: rerun evaluate.py for that edit")
             _ROWS[path] = found
     return _ROWS[path]
@@ -517,7 +523,7 @@ def report(sweep, claimed, metric, args):
               "interval. Spread: the standard deviation of the random sets' scores. Claimed - random: how many "
               "random sets the claimed set is above / below, by a paired interval that excludes 0.", "",
               "| trial | metric | claimed [CI] (at) | random min / median / max | n | rank | p | noise floor | spread "
-              "| claimed - random: above / below | verdict |", "|---|" * 11]
+              "| claimed - random: above / below | verdict |", "|" + "---|" * 11]
     for name, by_metric in trials.items():
         for m, t in by_metric.items():
             if "missing" in t:
@@ -613,9 +619,10 @@ def edit_section(sweep, metric, opts, threshold, numbers):
              f"| edit | {metric} [CI] | mc2 [CI] | non-answers | repeated | converged | margin / target |",
              "|---|---|---|---|---|---|---|"]
     numbers["edits"], unconverged = [], []
+    natural = lambda key: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", " ".join(key))]  # noqa: E731
     points = [("unedited", b) for b in sweep["baselines"]] + [
-        (f"{m} {s} {knob(m)} {fmt_grid([p['grid']])}", p)
-        for (m, s), pts in sorted(sweep["curves"].items()) for p in pts]
+        (f"{m} {s}" + ("" if p["grid"] is None else f" {knob(m)} {p['grid']:g}"), p)
+        for (m, s), pts in sorted(sweep["curves"].items(), key=lambda item: natural(item[0])) for p in pts]
     for label, p in points:
         shares = answer_shares(p)
         conv = convergence(p, threshold) if label.startswith("ipo") else None

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def write_sweep(run, claimed=1.0, randoms=None, n=60, k=4, grids=None, methods=(
                 edit = {"model": "fake-7b", "method": method, "head_spec": spec, "heads": heads, "seed": 0, knob: g}
                 # an ablation loses what the heads carry: a strong set's removal drops truth below the baseline
                 s = -0.7 * strength if method == "ablate" else strength * scale
-                rows = planted_rows(s, n, np.random.default_rng(abs(hash((spec, method, g))) % 2**32), judged)
+                rows = planted_rows(s, n, np.random.default_rng(zlib.crc32(f'{spec} {method} {g}'.encode())), judged)
                 write_result(run, f"{method}-{spec.replace(':', '_')}-{g}", edit, rows)
     return run
 
