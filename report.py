@@ -358,12 +358,13 @@ def interval(metric, point, minus=None, opts=None):
     return list(bootstrap(cols, stat, *(opts or (N_RESAMPLES, 0))))
 
 
-def trial(sweep, method, claimed, pool, metric, grid, level, opts, descriptive=False):
-    """The claimed set's score vs the pool's: the rank test, intervals, noise floor, spread and verdict;
-    {'missing': reason} when a side is missing."""
+def trial(sweep, method, claimed, pool, metric, level, opts=None, descriptive=False, grid=None):
+    """The claimed set's score vs the pool's over `grid` (default: the values every set has): the rank test,
+    intervals, noise floor, spread and verdict; {'missing': reason} when a side is missing."""
     pool = [s for s in pool if (method, s) in sweep["curves"]]
     if (method, claimed) not in sweep["curves"] or not pool:
         return {"missing": f"needs {method} results at {claimed} and at the sets it is compared with"}
+    grid = common_grid(sweep, method, [claimed] + pool) if grid is None else grid
     if not grid:
         return {"missing": f"no {knob(method)} value is shared by every set"}
     points = [p for s in [claimed] + pool for p in sweep["curves"][(method, s)] if p["grid"] in grid]
@@ -439,7 +440,8 @@ def convergence(point, threshold):
                 key=len, default=[])
     tau = log.get("tau") if isinstance(log, dict) else None
     out = {"log": path, "target": 1 / (2 * tau) if tau else None, "val_margin": curve[-1].get("val_margin")
-           if curve else None, "val_loss": [e["val_loss"] for e in curve]}
+           if curve else None, "val_loss": [e["val_loss"] for e in curve],
+           "val_margins": [e.get("val_margin") for e in curve]}
     if len(curve) < 2:
         return dict(out, converged=None, change=None)
     last, before = curve[-1]["val_loss"], curve[-2]["val_loss"]
@@ -472,9 +474,9 @@ def all_trials(sweep, claimed, metrics, level, opts):
             if (method, claimed) not in sweep["curves"] and not pool or descriptive and not pool:
                 continue
             specs = [claimed] + pool if (method, claimed) in sweep["curves"] else []
-            grid = common_grid(sweep, method, specs) if len(specs) > 1 else set()
+            grid = common_grid(sweep, method, specs) if len(specs) > 1 else set()  # printed once for every metric
             name = NAMES.get(method, method.upper()) + (", single heads" if descriptive else "")
-            out[name] = {m: trial(sweep, method, claimed, pool, m, grid, level, opts, descriptive) for m in metrics}
+            out[name] = {m: trial(sweep, method, claimed, pool, m, level, opts, descriptive, grid) for m in metrics}
     return out
 
 

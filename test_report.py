@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 import zlib
 
 import numpy as np
@@ -79,9 +80,9 @@ def write_sweep(run, claimed=1.0, randoms=None, n=60, k=4, grids=None, methods=(
     return run
 
 
-def run_report(run, *extra):
-    report.main(["--runs", run, "--resamples", "500", *extra])
-    return strict(f"{run}/report.json"), open(f"{run}/report.md").read()
+def run_report(run, *extra, out=None, more_runs=()):
+    report.main(["--runs", run, *more_runs, "--resamples", "500", *extra] + ["--out", out] * bool(out))
+    return strict(f"{out or run}/report.json"), open(f"{out or run}/report.md").read()
 
 
 # ---- The bootstrap, by hand
@@ -309,3 +310,23 @@ def test_per_edit_shares_and_ipo_convergence(tmp_path):
     assert edits["ipo-random_4_1-0.3.json"]["convergence"] is None
     assert "**Unconverged IPO results** (1): ipo random:4:0 tau 0.3" in text
     assert "| ipo top:4 tau 0.3 | " in text and "| 100% | 100% | yes (1.0%) | 0.62 / 1.67 |" in text
+
+
+def test_claimed_list_and_shards(planted, tmp_path):
+    """--claimed as a list of heads (any order) finds top:K; a sweep sharded into two run folders (each result with
+    its rows) gives the same trials as one folder."""
+    run, numbers, _ = planted
+    listed = ",".join(reversed(json.load(open(f"{run}/results/iti-top_4-15.json"))["edit"]["heads"]))
+    again, _ = run_report(run, "--claimed", listed, out=str(tmp_path / "listed"))
+    assert again["claimed"] == "top:4" and again["trials"]["IPO"] == numbers["trials"]["IPO"]
+    stems = sorted({name.split(".json")[0] for name in os.listdir(f"{run}/results")})
+    for i, stem in enumerate(stems):
+        os.makedirs(tmp_path / f"shard{i % 2}" / "results", exist_ok=True)
+        for ext in (".json", ".jsonl"):
+            os.link(f"{run}/results/{stem}{ext}", tmp_path / f"shard{i % 2}" / "results" / f"{stem}{ext}")
+    sharded, _ = run_report(str(tmp_path / "shard0"), more_runs=[str(tmp_path / "shard1")])
+    without_paths = lambda trials: json.loads(re.sub(r'"claimed_path": "[^"]*"', '"claimed_path": ""',  # noqa: E731
+                                                     json.dumps(trials)))
+    assert without_paths(sharded["trials"]) == without_paths(numbers["trials"])
+    with pytest.raises(SystemExit, match="no result was made at those heads"):
+        run_report(run, "--claimed", "0.0,0.1", out=str(tmp_path / "f"))
