@@ -337,7 +337,7 @@ def row_ipo_step(model, tok, args, device):
                              f"{len(pairs)}: pass more --n-questions")
         encoded, pad_id = ipo_edit.encode_pairs(tok, pairs, ipo_args.instruction), tok.pad_token_id
         # the cache, made the way ipo_edit makes it: eval batches of 8 pairs, not the training batch of --pairs
-        cached = ipo_edit.reference_logps(model, encoded, pad_id, ipo_args, ipo_edit.reference_key(
+        cached = ipo_edit.reference_logps(model, encoded, ipo_edit.Batcher(pad_id, device), ipo_args, ipo_edit.reference_key(
             ipo_args, model, pairs), folder, "bench")  # (chosen [2B], rejected [2B])
     B, tau, logp = args.pairs, ipo_args.tau[0], ipo_args.logp
     ref_chosen, ref_rejected = cached[0][:B].to(device), cached[1][:B].to(device)  # [B] each

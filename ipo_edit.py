@@ -9,13 +9,17 @@ Only the edit's parameters train; the model stays frozen. For each preference pa
 (every correct x incorrect answer), h = [log pi(y+|x) - log pi0(y+|x)] - [log pi(y-|x) - log pi0(y-|x)] and the loss
 (h - 1/(2 tau))^2 is minimised (IPO, Azar et al. 2023; TRL's loss_type="ipo"). log pi(y|x) is the mean log-prob of the
 answer tokens (TRL's IPO; --logp sum for the sum). pi0 is the unedited model: its log-probs are computed once, cached
-on disk, and shared by every tau. Validation loss and margin on pairs of the VAL questions are logged each epoch.
+on disk, and shared by every tau. Validation loss and margin on pairs of the VAL questions are logged every
+--val-every steps and at each epoch's end. --precision bfloat16 runs the model's matrix products in bf16 (autocast,
+inputs padded to a few shapes); the edit, its optimizer, the log-softmax and the sums stay float32.
 
-Reads:  --data TruthfulQA.csv, --model, --probe RUN/probe (for --heads top:K).
-Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all", tau, param, lr, ...), a training log
-        beside it (NAME.log.json), and the reference log-probs in a cache folder (default: cache/ in the folder of
-        --out, e.g. RUN/edits/cache/). --out is a file (one tau), a pattern with {tau}, or a folder (file names ipo-{heads}-t{tau}.safetensors).
-        A tau whose edit file exists is skipped, so a killed sweep resumes where it stopped.
+Reads:  --data TruthfulQA.csv, --model, --probe RUN/probe (for --heads top:K; it must be of this model).
+Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all", tau, param, lr, settings, the log),
+        a training log beside it (NAME.log.json, written first: a kill between the two loses nothing), a checkpoint
+        while training (NAME.ckpt: edit + optimizer, every --checkpoint-every steps; a killed run resumes from it),
+        and the reference log-probs in a cache folder (default: cache/ in the folder of --out). --out is a file (one
+        tau), a pattern with {tau}, or a folder (file names ipo-{heads}-t{tau}.safetensors). A tau whose edit exists
+        with the same settings is skipped; one trained with other settings is trained again, with a line saying why.
 
 Example:
   python ipo_edit.py --data TruthfulQA.csv --heads top:16 --probe runs/smollm2/probe --tau 0.1 0.3 0.5 \
@@ -26,7 +30,8 @@ import hashlib
 import json
 import math
 import os
-import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -42,37 +47,48 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_model_args(p)
     tqa.add_data_args(p)
-    p.add_argument("--heads", default="top:16", help="heads to edit: top:K (needs --probe), random:K:SEED, single:L.H, "
-                   "all, or L.H,L.H")
-    p.add_argument("--probe", default=None, help="probe run folder (probe.json), for --heads top:K")
-    p.add_argument("--tau", type=float, nargs="+", default=[0.3], help="IPO tau, one edit per value (paper: 0.1-0.5)")
-    p.add_argument("--param", default="lora1", choices=["lora1", "offset"],
-                   help="lora1: masked rank-1 LoRA o += <a,o> b*mask; offset: a learned vector per head")
     p.add_argument("--out", required=True, help="edit file, pattern with {tau}, or folder (ends with / or exists)")
-    p.add_argument("--instruction", default="default", choices=list(tqa.INSTRUCTIONS),
-                   help="instruction sentence before the QA primer (the prompt evaluate.py scores with)")
-    p.add_argument("--logp", default="mean", choices=["mean", "sum"],
-                   help="log pi(y|x): mean over answer tokens (TRL's IPO) or their sum")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the training pairs (paper: 2)")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per step; each step runs 2x this many sequences")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default as the paper: 2e-3 for 1 head, "
-                   "5e-4 for up to 16 heads, 1e-4 for more)")
-    p.add_argument("--lr-scale", type=float, default=1.0, help="multiply the default learning rate by this (short "
-                   "runs: AdamW moves each weight by about lr per step, and the paper takes ~3,300 steps; a course run "
-                   "of ~60 steps needs ~20x to move as far). Ignored with --lr")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up the cosine schedule")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (TRL's default: 0)")
-    p.add_argument("--max-pairs", type=int, default=None, help="train on a seeded subsample of this many pairs")
-    p.add_argument("--max-val-pairs", type=int, default=128, help="validate on a seeded subsample (0: no validation)")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="pairs per batch for reference and validation passes")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (7B on one GPU)")
-    p.add_argument("--no-shared-prefix", action="store_true", help="run every row's whole prompt instead of the prompt "
-                   "start common to the batch once (slower, same numbers; implied by --grad-checkpointing)")
-    p.add_argument("--cache-dir", default=None, help="where the reference log-probs are cached (default: cache/ in "
-                   "the folder of --out)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--bench", type=int, default=0, metavar="STEPS", help="only time STEPS training steps against the "
-                   "frozen model's forward+backward on the same batches, print JSON, write nothing")
+    edit = p.add_argument_group("the edit")
+    edit.add_argument("--heads", default="top:16", help="heads to edit: top:K (needs --probe), random:K:SEED, "
+                      "single:L.H, all, or L.H,L.H")
+    edit.add_argument("--probe", default=None, help="probe run folder (probe.json), for --heads top:K")
+    edit.add_argument("--param", default="lora1", choices=["lora1", "offset"],
+                      help="lora1: masked rank-1 LoRA o += <a,o> b*mask; offset: a learned vector per head")
+    loss = p.add_argument_group("the IPO loss and its data")
+    loss.add_argument("--tau", type=float, nargs="+", default=[0.3], help="IPO tau, one edit per value (paper: 0.1-0.5)")
+    loss.add_argument("--logp", default="mean", choices=["mean", "sum"],
+                      help="log pi(y|x): mean over answer tokens (TRL's IPO) or their sum")
+    loss.add_argument("--instruction", default="default", choices=list(tqa.INSTRUCTIONS),
+                      help="instruction sentence before the QA primer (the prompt evaluate.py scores with)")
+    loss.add_argument("--max-pairs", type=int, default=None, help="train on a seeded subsample of this many pairs")
+    loss.add_argument("--max-val-pairs", type=int, default=128, help="validate on a seeded subsample (0: no "
+                      "validation)")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=2, help="passes over the training pairs (paper: 2)")
+    train.add_argument("--batch-size", type=int, default=4, help="pairs per step; each step runs 2x this many rows")
+    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default as the paper: 2e-3 for 1 "
+                       "head, 5e-4 for up to 16 heads, 1e-4 for more)")
+    train.add_argument("--lr-scale", type=float, default=1.0, help="multiply the default learning rate by this "
+                       "(short runs: AdamW moves each weight by about lr per step, and the paper takes ~3,300 steps; a "
+                       "course run of ~60 steps needs ~20x to move as far). Ignored with --lr")
+    train.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps warming up the cosine schedule")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (TRL's default: 0)")
+    train.add_argument("--val-every", type=int, default=8, help="validate every this many steps too (0: at each "
+                       "epoch's end only)")
+    train.add_argument("--checkpoint-every", type=int, default=16, help="save the edit and optimizer every this many "
+                       "steps (and at each epoch's end); a killed run resumes there")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                       help="matrix products in float32, or in bf16 under autocast with padded shapes (the edit, its "
+                       "optimizer, log-softmax and sums stay float32)")
+    speed.add_argument("--eval-batch-size", type=int, default=8, help="pairs per batch for reference and validation")
+    speed.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (7B on one "
+                       "GPU)")
+    speed.add_argument("--no-shared-prefix", action="store_true", help="run every row's whole prompt instead of the "
+                       "prompt start common to the batch once (slower, same numbers; implied by --grad-checkpointing)")
+    speed.add_argument("--cache-dir", default=None, help="where the reference log-probs are cached (default: cache/ in "
+                       "the folder of --out)")
     return p
 
 
@@ -111,14 +127,23 @@ def encode_pairs(tokenizer, pairs, instruction):
     return [(prompt_ids(p["question"]), answer_ids(p["chosen"]), answer_ids(p["rejected"])) for p in pairs]
 
 
-def collate(encoded, pad_id, device, share_prefix=True):
+BUCKET = 16  # --precision bfloat16 pads prompt rests and answers to a multiple of this many tokens: the CPU's bf16
+# kernels are built per matrix shape, so a few shapes, each met again and again, run fast, and new ones do not
+
+
+def collate(encoded, pad_id, device, share_prefix=True, stable_prefix=None):
     """2B rows (the B chosen answers, then the B rejected ones) as [shared prefix | prompt rest | answer]: the prefix
     common to all prompts once (batch 1, its KV cache reused by every row), the rest of each prompt left-padded to P,
     the answer right-padded to A, so every answer starts at column P and the loss needs only the last A+1 logits.
-    share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing)."""
-    S = tqa.shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
+    share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing).
+    stable_prefix: a prefix length every batch shares (the prompts' common start over the whole data), with P and A
+    rounded up to a multiple of BUCKET: the few shapes bf16 needs (more padding, the same numbers up to round-off)."""
+    S = stable_prefix if stable_prefix is not None else \
+        tqa.shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
     rows = [(p[S:], c) for p, c, _ in encoded] + [(p[S:], r) for p, _, r in encoded]
     P, A = max(len(p) for p, _ in rows), max(len(y) for _, y in rows)
+    if stable_prefix is not None:
+        P, A = -(-P // BUCKET) * BUCKET, -(-A // BUCKET) * BUCKET
     ids = torch.full((len(rows), P + A), pad_id, dtype=torch.long)  # [2B, P+A]
     mask = torch.zeros_like(ids)
     for i, (p, y) in enumerate(rows):
@@ -130,6 +155,32 @@ def collate(encoded, pad_id, device, share_prefix=True):
     return {"prefix": torch.tensor([encoded[0][0][:S]], device=device) if S else None,  # [1, S]
             "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
             "targets": ids[:, P:].to(device), "answer_mask": mask[:, S + P:].to(device)}  # targets: [2B, A]
+
+
+@contextmanager
+def matmul_precision(model, precision):
+    """Inside the block the model runs at `precision`: float32 as loaded, or bfloat16: its matrix products in bf16
+    under torch.autocast (the weights, the residual stream and the norms stay float32), except the output layer,
+    which runs in float32 so that the logits, and the log-probs summed from them, are not rounded to bf16 (8 bits)."""
+    if precision == "float32":
+        yield
+        return
+    device_type = heads.out_projections(model)[0].weight.device.type
+    output_layer, exact = model.get_output_embeddings(), ExitStack()
+
+    def before(module, args):
+        exact.enter_context(torch.autocast(device_type, enabled=False))
+        return (args[0].float(),) + tuple(args[1:])
+
+    handles = [output_layer.register_forward_pre_hook(before),
+               output_layer.register_forward_hook(lambda module, args, out: exact.close())]
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    finally:
+        exact.close()
+        for h in handles:
+            h.remove()
 
 
 def answer_logps(model, batch, logp):
@@ -151,6 +202,26 @@ def shares_prefix(args):
     return not (args.no_shared_prefix or args.grad_checkpointing)  # transformers turns the cache off when checkpointing
 
 
+@dataclass
+class Batcher:
+    """How pairs become batches in this run: collate's settings, and the precision the model runs at."""
+    pad_id: int
+    device: torch.device
+    share_prefix: bool = True
+    stable_prefix: int = None  # with --precision bfloat16: the prompts' common start, the same in every batch
+    precision: str = "float32"
+
+    def __call__(self, encoded):
+        return collate(encoded, self.pad_id, self.device, self.share_prefix, self.stable_prefix)
+
+
+def make_batcher(args, tokenizer, device, encoded):
+    stable = None
+    if args.precision == "bfloat16":
+        stable = tqa.shared_prefix_length([p for p, _, _ in encoded]) if shares_prefix(args) else 0
+    return Batcher(tokenizer.pad_token_id, device, shares_prefix(args), stable, args.precision)
+
+
 def batches(encoded, batch_size, order=None):
     order = range(len(encoded)) if order is None else order.tolist()
     order = list(order)
@@ -158,31 +229,32 @@ def batches(encoded, batch_size, order=None):
         yield order[i:i + batch_size]
 
 
-# ---- Reference log-probs pi0: once per (model, data, prompt, logp), edit off, cached in memory and on disk.
+# ---- Reference log-probs pi0: once per (model, data, prompt, logp, precision), edit off, cached on disk.
 
 def reference_key(args, model, pairs):
     text = json.dumps([args.model, args.dtype, heads.fingerprint(model), args.instruction, args.logp,
-                       [(p["question"], p["chosen"], p["rejected"]) for p in pairs]])
+                       [(p["question"], p["chosen"], p["rejected"]) for p in pairs]]
+                      + ([args.precision] if args.precision != "float32" else []))  # float32: the keys made before
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def reference_logps(model, encoded, pad_id, args, key, cache_dir, what):
+def reference_logps(model, encoded, batcher, args, key, cache_dir, what):
     """(chosen, rejected) log pi0, each [N]; read from cache_dir/ipo-reference-KEY.safetensors when there."""
     from safetensors.torch import load_file, save_file
     path = os.path.join(cache_dir, f"ipo-reference-{key}.safetensors")
     if os.path.isfile(path):
         ref = load_file(path)
         return ref["chosen"], ref["rejected"]
-    device = heads.out_projections(model)[0].weight.device
     chosen, rejected = [], []
     for idx in tqdm(list(batches(encoded, args.eval_batch_size)), desc=f"reference log-probs ({what})"):
-        lp = answer_logps(model, collate([encoded[i] for i in idx], pad_id, device, shares_prefix(args)), args.logp).cpu()
+        with matmul_precision(model, batcher.precision):
+            lp = answer_logps(model, batcher([encoded[i] for i in idx]), args.logp).cpu()
         chosen.append(lp[:len(idx)])
         rejected.append(lp[len(idx):])
     ref = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
     about = {"model": args.model, "data": str(args.data), "seed": str(args.seed), "instruction": args.instruction,
-             "logp": args.logp, "n_pairs": str(len(encoded)), "what": what}
+             "logp": args.logp, "n_pairs": str(len(encoded)), "what": what, "precision": batcher.precision}
     runfiles.write_atomic(path, lambda tmp: save_file(ref, tmp, metadata=about))
     return ref["chosen"], ref["rejected"]
 
@@ -210,12 +282,13 @@ def pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp):
     return ipo_loss(policy[:B] - ref_chosen, policy[B:] - ref_rejected, tau), h
 
 
-def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimizer, scheduler):
+def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimizer, scheduler, precision="float32"):
     """One IPO step: one forward+backward of the 2B-row batch; returns (loss, mean margin) as floats.
     The backward runs inside the edit too: gradient checkpointing recomputes the forward there."""
     with heads.edited(model, edit):
-        loss, h = pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp)
-        loss = loss.mean()
+        with matmul_precision(model, precision):
+            loss, h = pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp)
+            loss = loss.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(loss.item())
         optimizer.zero_grad(set_to_none=True)
@@ -226,15 +299,15 @@ def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimize
 
 
 @torch.no_grad()
-def validate(model, edit, encoded, ref, pad_id, tau, args, device):
+def validate(model, edit, encoded, ref, batcher, tau, args):
     """Mean IPO loss and margin over the validation pairs."""
     losses, margins = [], []
     for idx in batches(encoded, args.eval_batch_size):
-        with heads.edited(model, edit):
-            loss, h = pair_losses(model, collate([encoded[i] for i in idx], pad_id, device, shares_prefix(args)),
-                                  ref[0][idx].to(device), ref[1][idx].to(device), tau, args.logp)
-        losses.append(loss.cpu())
-        margins.append(h.cpu())
+        with heads.edited(model, edit), matmul_precision(model, batcher.precision):
+            loss, h = pair_losses(model, batcher([encoded[i] for i in idx]), ref[0][idx].to(batcher.device),
+                                  ref[1][idx].to(batcher.device), tau, args.logp)
+        losses.append(loss.float().cpu())
+        margins.append(h.float().cpu())
     return float(torch.cat(losses).mean()), float(torch.cat(margins).mean())
 
 
@@ -249,108 +322,186 @@ def out_path(out, tau, head_spec, n_taus):
     return out
 
 
+# ---- Training one tau: checkpointed, resumable, validated every --val-every steps; the log is written before the edit
+
+@dataclass
+class PairData:
+    """The encoded train and validation pairs, their reference log-probs (chosen [N], rejected [N]), the batcher."""
+    train: list
+    train_ref: tuple
+    val: list
+    val_ref: tuple
+    batcher: Batcher
+
+
+def paths_of(path):
+    """(edit, log, checkpoint) file names of one edit."""
+    stem = path.removesuffix(".safetensors")
+    return path, stem + ".log.json", stem + ".ckpt"
+
+
+def settings_of(args, head_list, tau, lr, n_pairs, n_val_pairs):
+    """Everything the trained edit depends on, saved in its meta: an edit (or checkpoint) made with other settings is
+    not reused. (Validation, checkpoint and batching options change no weight, so they are not part of it.)"""
+    return {"model": args.model, "dtype": args.dtype, "precision": args.precision, "data": tqa.data_version(args.data),
+            "seed": args.seed, "heads": heads.format_heads(head_list), "param": args.param, "tau": tau,
+            "logp": args.logp, "instruction": args.instruction, "n_pairs": n_pairs, "n_val_pairs": n_val_pairs,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr, "warmup": args.warmup,
+            "weight_decay": args.weight_decay}
+
+
+def existing_edit(path, settings):
+    """True when `path` holds an edit made with `settings` (its log rewritten if it went missing); False, with a line
+    saying why, when it holds one made otherwise; None when there is none."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["edit"])
+    except Exception:
+        meta = {}
+    old = meta.get("settings") or {}
+    changed = [k for k in settings if old.get(k) != settings[k]]
+    if changed:
+        what = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in changed if k != "data") or "other --data"
+        print(f"tau={settings['tau']}: {path} was trained with other settings ({what}): training it again")
+        return False
+    print(f"tau={settings['tau']}: {path} exists with these settings, skipped (delete it to retrain)")
+    return True
+
+
+def save_checkpoint(path, settings, step, edit, optimizer, scheduler, log):
+    runfiles.write_atomic(path, lambda tmp: torch.save({
+        "settings": json.dumps(settings), "step": step, "edit": edit.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "log": json.dumps(log)}, tmp))
+
+
+def load_checkpoint(path, settings, edit, optimizer, scheduler):
+    """(step, log) of the checkpoint at `path` made with `settings`, restored into edit, optimizer and scheduler;
+    (0, None) when there is none (or it was made with other settings, or is unreadable: it is then ignored)."""
+    if not os.path.exists(path):
+        return 0, None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a file never runs code
+    except Exception as e:
+        print(f"{path} cannot be read ({type(e).__name__}): training from step 0")
+        return 0, None
+    if json.loads(state["settings"]) != settings:
+        print(f"{path} was made with other settings: training from step 0")
+        return 0, None
+    edit.load_state_dict(state["edit"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"resuming tau={settings['tau']} from {path} at step {state['step']}")
+    return state["step"], json.loads(state["log"])
+
+
+def validation_row(model, edit, data, tau, args, **where):
+    loss, margin = validate(model, edit, data.val, data.val_ref, data.batcher, tau, args)
+    return dict(where, val_loss=loss, val_margin=margin)
+
+
 def train_one_tau(model, head_list, tau, data, args, path, meta):
-    """Train the edit for one tau and write it (and its log); no file if the loss turns NaN or infinite."""
-    train_enc, train_ref, val_enc, val_ref, pad_id = data
-    device = heads.out_projections(model)[0].weight.device
+    """Train the edit for one tau and write its log, then the edit; no file if the loss turns NaN or infinite."""
+    device, settings = data.batcher.device, meta["settings"]
     edit = make_edit(heads.geometry(model), head_list, args.param, args.seed, device)
-    optimizer = torch.optim.AdamW(edit.parameters(), lr=meta["lr"], weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(edit.parameters(), lr=settings["lr"], weight_decay=args.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
-    n_steps = args.epochs * math.ceil(len(train_enc) / args.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
+    n_steps = args.epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup * n_steps), n_steps)
-    log = {"tau": tau, "steps": [], "epochs": []}
-    if val_enc:
-        log["epochs"].append(dict(zip(("epoch", "val_loss", "val_margin"), (0, *validate(
-            model, edit, val_enc, val_ref, pad_id, tau, args, device)))))
-    bar = tqdm(total=n_steps, desc=f"IPO tau={tau}")
+    edit_path, log_path, checkpoint = paths_of(path)
+    step, log = load_checkpoint(checkpoint, settings, edit, optimizer, scheduler)
+    if log is None:  # "val": every --val-every steps; "epochs": train means per epoch, validation at its end
+        log = {"tau": tau, "steps": [], "val": [], "epochs": []}
+        if data.val:
+            log["val"].append(validation_row(model, edit, data, tau, args, step=0))
+            log["epochs"].append(dict(log["val"][0], epoch=0))
+    bar = tqdm(total=n_steps, initial=step, desc=f"IPO tau={tau}")
     for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        losses, margins = [], []
-        for idx in batches(train_enc, args.batch_size, order):
-            batch = collate([train_enc[i] for i in idx], pad_id, device, shares_prefix(args))
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        for i, idx in enumerate(batches(data.train, args.batch_size, order)):
+            if (epoch - 1) * steps_per_epoch + i < step:
+                continue  # done before the checkpoint
             try:
-                loss, margin = train_step(model, edit, batch, train_ref[0][idx].to(device), train_ref[1][idx].to(device),
-                                          tau, args.logp, optimizer, scheduler)
+                loss, margin = train_step(model, edit, data.batcher([data.train[j] for j in idx]),
+                                          data.train_ref[0][idx].to(device), data.train_ref[1][idx].to(device), tau,
+                                          args.logp, optimizer, scheduler, args.precision)
             except FloatingPointError as e:
-                raise SystemExit(f"the IPO loss became {e} at step {len(log['steps']) + 1} (tau={tau}); no edit was "
-                                 f"written for it: lower --lr (now {meta['lr']}) or use --dtype float32") from None
-            losses.append(loss)
-            margins.append(margin)
-            log["steps"].append({"loss": loss, "margin": margin, "lr": scheduler.get_last_lr()[0]})
+                raise SystemExit(f"the IPO loss became {e} at step {step + 1} (tau={tau}); no edit was written for "
+                                 f"it: lower --lr (now {settings['lr']}) or use --precision float32") from None
+            step += 1
+            log["steps"].append({"step": step, "epoch": epoch, "loss": loss, "margin": margin,
+                                 "lr": scheduler.get_last_lr()[0]})
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", margin=f"{margin:.3f}")
-        row = {"epoch": epoch, "train_loss": sum(losses) / len(losses), "train_margin": sum(margins) / len(margins)}
-        if val_enc:
-            row["val_loss"], row["val_margin"] = validate(model, edit, val_enc, val_ref, pad_id, tau, args, device)
+            if data.val and args.val_every and step % args.val_every == 0:
+                log["val"].append(validation_row(model, edit, data, tau, args, step=step))
+            if step % args.checkpoint_every == 0 and step % steps_per_epoch:
+                save_checkpoint(checkpoint, settings, step, edit, optimizer, scheduler, log)
+        rows = [r for r in log["steps"] if r["epoch"] == epoch]
+        row = {"epoch": epoch, "train_loss": sum(r["loss"] for r in rows) / len(rows),
+               "train_margin": sum(r["margin"] for r in rows) / len(rows)}
+        if data.val:
+            row.update(validation_row(model, edit, data, tau, args))
+            if not log["val"] or log["val"][-1]["step"] != step:
+                log["val"].append({"step": step, "val_loss": row["val_loss"], "val_margin": row["val_margin"]})
         log["epochs"].append(row)
         tqdm.write(json.dumps(row))
+        save_checkpoint(checkpoint, settings, step, edit, optimizer, scheduler, log)
     bar.close()
     edit.meta.update(meta, tau=tau, final=log["epochs"][-1])
-    heads.save_edit(path, edit)
-    runfiles.write_json(path.removesuffix(".safetensors") + ".log.json", dict(log, edit=path, meta=edit.meta))
+    runfiles.write_json(log_path, dict(log, edit=edit_path, meta=edit.meta))  # first: the edit's file says "done"
+    heads.save_edit(edit_path, edit)
+    os.remove(checkpoint)
     return log
 
 
-def bench(model, edit, train_enc, pad_id, args, device):
-    """Median seconds per training step (shared prefix, and whole prompts) vs one forward+backward of the frozen model
-    on the same whole-prompt batch (the gradient reaching the input embeddings: a full backward, no weight grads)."""
-    optimizer = torch.optim.AdamW(edit.parameters(), lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    groups = [[train_enc[i] for i in idx] for idx in list(batches(train_enc, args.batch_size))[:args.bench + 1]]
-    zeros = torch.zeros(args.batch_size, device=device)
+def check_args(args):
+    if args.batch_size < 1 or args.epochs < 1 or args.eval_batch_size < 1 or args.checkpoint_every < 1:
+        raise SystemExit("--batch-size, --eval-batch-size, --epochs and --checkpoint-every must be at least 1")
+    bad = [t for t in args.tau if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise SystemExit(f"--tau {' '.join(map(str, bad))}: every tau must be a positive finite number (the paper "
+                         "uses 0.1 to 0.5; the IPO target margin is 1/(2 tau))")
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise SystemExit(f"--max-pairs {args.max_pairs}: must be at least 1 (leave it out to train on every pair)")
+    if args.max_val_pairs < 0 or args.val_every < 0:
+        raise SystemExit("--max-val-pairs and --val-every must be 0 (none) or more")
+    lr = args.lr if args.lr is not None else args.lr_scale
+    if not (math.isfinite(lr) and lr > 0):
+        raise SystemExit(f"--lr {args.lr} / --lr-scale {args.lr_scale}: the learning rate must be a positive finite "
+                         "number")
 
-    def frozen(pairs):
-        batch = collate(pairs, pad_id, device, share_prefix=False)
-        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
-        A = batch["targets"].shape[1]
-        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                       logits_to_keep=A + 1, use_cache=False).logits[:, :A]
-        logits.float().log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).sum().backward()
 
-    def step(share):
-        def run(pairs):
-            batch = collate(pairs, pad_id, device, share)
-            train_step(model, edit, batch, zeros[:len(pairs)], zeros[:len(pairs)], 0.3, args.logp, optimizer, scheduler)
-        return run
-
-    def timed(fn, pairs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(pairs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    runs = {"frozen_fwd_bwd": frozen, "ipo_step_whole_prompts": step(False), "ipo_step_shared_prefix": step(True)}
-    times = {name: [] for name in runs}
-    for i, pairs in enumerate(groups):  # interleaved, so a busy machine slows all three alike; the first is warm-up
-        for name, fn in runs.items():
-            t = timed(fn, pairs)
-            if i:
-                times[name].append(t)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    return {"seconds_per_step": median, "ratio_whole_prompts": median["ipo_step_whole_prompts"] / median["frozen_fwd_bwd"],
-            "ratio_shared_prefix": median["ipo_step_shared_prefix"] / median["frozen_fwd_bwd"], "steps": len(groups) - 1,
-            "threads": torch.get_num_threads(), "device": str(device), "batch_size": args.batch_size,
-            "heads": args.heads, "param": args.param, "model": args.model}
+def check_probe(args, model):
+    """A --probe made on another model (or other weights) would rank another model's heads: refuse it, as
+    heads.load_edit refuses an edit fitted on other weights."""
+    if args.probe is None or not args.heads.startswith("top:"):
+        return
+    path = args.probe if args.probe.endswith(".json") else os.path.join(args.probe, "probe.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--probe {args.probe}: no probe.json there; run probe.py --out {args.probe} first")
+    with open(path) as f:
+        made = json.load(f)
+    if made.get("fingerprint") is None or not torch.allclose(
+            torch.tensor(made["fingerprint"]), torch.tensor(heads.fingerprint(model)), rtol=2e-2, atol=1e-3):
+        raise SystemExit(f"--probe {args.probe} was made on {made.get('model')}, whose weights differ from this "
+                         f"model's ({args.model}): run probe.py --model {args.model} and pass its folder")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size < 1 or args.epochs < 1 or args.eval_batch_size < 1:
-        raise SystemExit("--batch-size, --eval-batch-size and --epochs must be at least 1")
-    if any(t <= 0 for t in args.tau):
-        raise SystemExit(f"--tau {args.tau}: every tau must be positive (the paper uses 0.1 to 0.5)")
     paths = [out_path(args.out, tau, args.heads, len(args.tau)) for tau in args.tau]
-    todo = [(tau, p) for tau, p in zip(args.tau, paths) if not os.path.exists(p)]
-    for tau, p in zip(args.tau, paths):
-        if os.path.exists(p) and not args.bench:
-            print(f"tau={tau}: {p} exists, skipped (delete it to retrain)")
-    if not todo and not args.bench:
-        return
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "cache")
+    for path in [p for path in paths for p in paths_of(path)] + [os.path.join(cache_dir, "reference")]:
+        runfiles.check_writable(path)  # before the long part, not after it
     model, tokenizer, about = models.load_model(args.model, args.dtype, args.device)
+    check_probe(args, model)
     geo = heads.geometry(model)
     head_list = heads.parse_heads(args.heads, geo, args.probe)
     device = heads.out_projections(model)[0].weight.device
@@ -371,26 +522,29 @@ def main(argv=None):
         if args.max_val_pairs else []
     if not train_pairs:
         raise SystemExit(f"no training pairs: the train split of --data {args.data} has no question with answers")
+    lr = args.lr or args.lr_scale * default_lr(len(head_list))
+    meta = {"model": args.model, "fingerprint": heads.fingerprint(model), "method": "ipo", "head_spec": args.heads,
+            "apply": "all", "seed": args.seed, "param": args.param, "lr": lr, "epochs": args.epochs,
+            "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs), "n_val_pairs": len(val_pairs),
+            "instruction": args.instruction, "warmup": args.warmup, "precision": args.precision,
+            "model_note": about["note"], "run": runfiles.run_info(args)}
+    todo = []
+    for tau, path in zip(args.tau, paths):
+        settings = settings_of(args, head_list, tau, lr, len(train_pairs), len(val_pairs))
+        if not existing_edit(path, settings):
+            todo.append((tau, path, settings))
+    if not todo:
+        return
     train_enc = encode_pairs(tokenizer, train_pairs, args.instruction)
     val_enc = encode_pairs(tokenizer, val_pairs, args.instruction)
-    pad_id = tokenizer.pad_token_id
-    if args.bench:
-        edit = make_edit(geo, head_list, args.param, args.seed, device)
-        print(json.dumps(bench(model, edit, train_enc, pad_id, args, device)))
-        return
-    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "cache")
-    train_ref = reference_logps(model, train_enc, pad_id, args, reference_key(args, model, train_pairs), cache_dir,
+    batcher = make_batcher(args, tokenizer, device, train_enc + val_enc)
+    train_ref = reference_logps(model, train_enc, batcher, args, reference_key(args, model, train_pairs), cache_dir,
                                 "train")
-    val_ref = reference_logps(model, val_enc, pad_id, args, reference_key(args, model, val_pairs), cache_dir, "val") \
+    val_ref = reference_logps(model, val_enc, batcher, args, reference_key(args, model, val_pairs), cache_dir, "val") \
         if val_enc else None
-    meta = {"model": args.model, "fingerprint": heads.fingerprint(model), "method": "ipo", "head_spec": args.heads,
-            "apply": "all", "seed": args.seed, "param": args.param,
-            "lr": args.lr or args.lr_scale * default_lr(len(head_list)), "epochs": args.epochs,
-            "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs), "n_val_pairs": len(val_pairs),
-            "instruction": args.instruction, "warmup": args.warmup, "model_note": about["note"],
-            "run": runfiles.run_info(args)}
-    for tau, path in todo:
-        train_one_tau(model, head_list, tau, (train_enc, train_ref, val_enc, val_ref, pad_id), args, path, meta)
+    data = PairData(train_enc, train_ref, val_enc, val_ref, batcher)
+    for tau, path, settings in todo:
+        train_one_tau(model, head_list, tau, data, args, path, dict(meta, settings=settings))
         print(f"tau={tau}: wrote {path}")
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import heads
 import ipo_edit
@@ -232,10 +233,11 @@ def test_training_lowers_the_train_loss_and_raises_the_margin(llama, tmp_path, s
     pairs = ipo_edit.select_pairs(train, 24, 0)
     encoded = ipo_edit.encode_pairs(tok, pairs, "default")
     args = ipo_edit.build_parser().parse_args(["--out", "x", "--model", "tiny-llama", "--logp", "sum"])
-    ref = ipo_edit.reference_logps(model, encoded, tok.pad_token_id, args, "test", str(tmp_path / "c"), "train")
+    batcher = ipo_edit.Batcher(tok.pad_token_id, torch.device("cpu"))
+    ref = ipo_edit.reference_logps(model, encoded, batcher, args, "test", str(tmp_path / "c"), "train")
     zero = ipo_edit.make_edit(heads.geometry(model), heads.mask_to_heads(edit.head_mask), "lora1", 0, "cpu")
-    loss0, margin0 = ipo_edit.validate(model, zero, encoded, ref, tok.pad_token_id, tau, args, "cpu")
-    loss1, margin1 = ipo_edit.validate(model, edit, encoded, ref, tok.pad_token_id, tau, args, "cpu")
+    loss0, margin0 = ipo_edit.validate(model, zero, encoded, ref, batcher, tau, args)
+    loss1, margin1 = ipo_edit.validate(model, edit, encoded, ref, batcher, tau, args)
     assert loss0 == pytest.approx(1.0, abs=1e-4) and margin0 == pytest.approx(0, abs=1e-4)
     assert loss1 < 0.8 * loss0 and margin1 > 0.1
     log = json.load(open(path.replace(".safetensors", ".log.json")))
@@ -282,7 +284,90 @@ def test_output_names_and_refusals(tmp_path, fixture_csv):
     with pytest.raises(SystemExit, match="pattern with \\{tau\\}"):
         ipo_edit.out_path("r/e.safetensors", 0.1, "all", 2)
     data = fixture_csv(tmp_path / "t.csv", n=10)
-    with pytest.raises(SystemExit, match="every tau must be positive"):
-        run(tmp_path, data, "--tau", "0")
+    for tau in ("0", "inf", "nan"):
+        with pytest.raises(SystemExit, match=f"--tau {float(tau)}: every tau must be a positive finite number"):
+            run(tmp_path, data, "--tau", "0.3", tau)
+    for n in ("-1", "0"):
+        with pytest.raises(SystemExit, match=f"--max-pairs {n}: must be at least 1 \\(leave it out"):
+            run(tmp_path, data, "--max-pairs", n)
     with pytest.raises(SystemExit, match="pass --probe"):
         run(tmp_path, data, "--heads", "top:4")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        ipo_edit.main(["--model", "tiny-llama", "--data", data, "--out", str(tmp_path / "file" / "edits") + "/"])
+
+
+def test_a_probe_of_another_model_is_refused(tmp_path, fixture_csv):
+    """Same geometry, other weights: its ranking names another model's heads."""
+    data = fixture_csv(tmp_path / "t.csv", n=10)
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    model, _, _ = models.load_model("tiny-llama")
+    ranking = [[l, h] for l in range(3) for h in range(4)]
+    made = {"geometry": vars(heads.geometry(model)), "ranking": ranking, "model": "tiny-llama", "seed": 0}
+    for fingerprint, refused in ([x + 0.5 for x in heads.fingerprint(model)], True), (heads.fingerprint(model), False):
+        (folder / "probe.json").write_text(json.dumps(dict(made, fingerprint=fingerprint)))
+        args = ["--heads", "top:2", "--probe", str(folder), "--max-pairs", "4", "--max-val-pairs", "0", "--epochs", "1"]
+        if refused:
+            with pytest.raises(SystemExit, match="whose weights differ from this model's.*run probe.py --model"):
+                run(tmp_path, data, *args)
+        else:
+            run(tmp_path, data, *args)
+
+
+def edit_tensors(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_edit(tmp_path, monkeypatch, fixture_csv):
+    data = fixture_csv(tmp_path / "t.csv", n=10)
+    common = ["--heads", "0.1,2.3", "--max-pairs", "20", "--max-val-pairs", "4", "--epochs", "2", "--batch-size", "2",
+              "--lr", "0.05", "--tau", "0.3", "--checkpoint-every", "3", "--val-every", "4"]
+    whole = run(tmp_path / "whole", data, *common) + "ipo-0.1_2.3-t0.3"
+    steps, real = [], ipo_edit.train_step
+
+    def killed_at_step_14(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 14:
+            raise KeyboardInterrupt  # as a kill: nothing after it runs
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ipo_edit, "train_step", killed_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", data, *common)
+    out = str(tmp_path / "killed" / "run" / "edits" / "ipo-0.1_2.3-t0.3")
+    assert os.path.exists(out + ".ckpt") and not os.path.exists(out + ".safetensors")
+    steps.clear()
+    run(tmp_path / "killed", data, *common)
+    assert len(steps) == 20 - 12  # resumed at step 12: the last checkpoint (every 3 steps) before the kill
+    assert not os.path.exists(out + ".ckpt")
+    for k, v in edit_tensors(whole + ".safetensors").items():
+        assert torch.equal(edit_tensors(out + ".safetensors")[k], v), k
+    logs = [json.load(open(p + ".log.json")) for p in (whole, out)]
+    assert logs[0]["steps"] == logs[1]["steps"] and logs[0]["val"] == logs[1]["val"]
+    assert [r["step"] for r in logs[0]["val"]] == [0, 4, 8, 10, 12, 16, 20]  # every 4 steps and each epoch's end
+    assert [r["step"] for r in logs[0]["steps"]] == list(range(1, 21))
+
+
+def test_an_edit_with_other_settings_is_trained_again_and_a_lost_log_is_not_lost(tmp_path, monkeypatch, fixture_csv,
+                                                                                 capsys):
+    data = fixture_csv(tmp_path / "t.csv", n=10)
+    common = ["--heads", "single:2.1", "--param", "offset", "--max-val-pairs", "0", "--epochs", "1", "--tau", "0.3"]
+    out = run(tmp_path, data, *common, "--max-pairs", "4") + "ipo-single2.1-t0.3"
+    first = edit_tensors(out + ".safetensors")
+    run(tmp_path, data, *common, "--max-pairs", "4")
+    assert "exists with these settings, skipped" in capsys.readouterr().out
+    run(tmp_path, data, *common, "--max-pairs", "6")
+    assert "trained with other settings (n_pairs 4 -> 6): training it again" in capsys.readouterr().out
+    with safe_open(out + ".safetensors", "pt") as f:
+        assert json.loads(f.metadata()["edit"])["n_pairs"] == 6
+    assert not torch.equal(edit_tensors(out + ".safetensors")["offset"], first["offset"])
+    # a kill between the log and the edit: the log is written first, so the rerun finds it and redoes the edit
+    monkeypatch.setattr(heads, "save_edit", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data, *common, "--max-pairs", "8")
+    assert json.load(open(out + ".log.json"))["meta"]["n_pairs"] == 8
+    monkeypatch.undo()
+    run(tmp_path, data, *common, "--max-pairs", "8")
+    assert "resuming tau=0.3" in capsys.readouterr().out  # from the checkpoint at the last step: no step again
+    assert json.load(open(out + ".log.json"))["meta"]["n_pairs"] == 8
