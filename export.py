@@ -18,7 +18,9 @@ and (Linear) W^l o = W^l.weight @ o; for GPT-2's Conv1D, W^l = c_proj.weight^T.
               have that bias; Llama-family models without one (Llama, Qwen3, Gemma 1-3) get it from the config
               switch attention_bias=true (q/k/v biases written as zeros); Mistral, Qwen2 and Phi3 hard-code no o_proj
               bias: an offset edit is refused for them (use --to steer). In --dtype: merging into bfloat16 weights
-              rounds the edit away in part, so export float32 (the default) when the numbers matter.
+              rounds the edit away in part, so export float32 (the default) when the numbers matter. A mean
+              ablation (iti.py --ablate, o_h <- ablate_h) merges exactly: bias^l <- bias^l + W^l (ablate * mask),
+              then W^l's columns of the ablated heads are zeroed (hf only: peft and steer refuse it).
   --to steer  lm-eval's `--model steered` file (steer.pt, read with torch.load): per edited layer, the hookpoint of
               W^l (its name under model.base_model) -> {"steering_vector": W^l (delta^l * mask^l), "action": "add",
               "steering_coefficient": 1.0, "bias": None, "head_index": None}: added to W^l's output at every token.
@@ -71,7 +73,8 @@ questions_args.add_argument("--max-questions", type=int, default=None, help="a s
 APPLIES = "every token (the edit of evaluate.py --apply all)"
 FORMULAS = {
     "peft": "rank-1 LoRA on W^l: W^l o + B A o, A = a^T [1, H*D], B = W^l (b * mask) [out, 1], r = 1, lora_alpha = 1",
-    "hf": "merged: W^l <- W^l + (W^l (b * mask)) a^T; bias^l <- bias^l + W^l (offset * mask)",
+    "hf": "merged: W^l <- W^l + (W^l (b * mask)) a^T; bias^l <- bias^l + W^l (offset * mask); an ablation: "
+          "bias^l <- bias^l + W^l (ablate * mask), then W^l's columns of the ablated heads zeroed",
     "steer": "lm-eval steered, action add: W^l's output + W^l (offset * mask), at every token",
 }
 TASK_NAME = "tqa_local"
@@ -104,10 +107,12 @@ def lora_factors(edit, proj, layer):
     return edit.a[layer].detach().float().to(W.device)[None], (W @ b_masked)[:, None]
 
 
-def output_offset(edit, proj, layer):
-    """W^l (offset^l * mask^l) [out], what an offset edit adds to the projection's output."""
+def output_offset(edit, proj, layer, which="offset"):
+    """W^l (offset^l * mask^l) [out], what an offset edit adds to the projection's output (which='ablate': the
+    ablation's constant, W^l (ablate^l * mask^l))."""
     W = proj_matrix(proj).detach().float()
-    return W @ (edit.offset[layer].detach().float().flatten().to(W.device) * feature_mask(edit, layer).to(W.device))
+    vector = getattr(edit, which)[layer].detach().float().flatten().to(W.device)
+    return W @ (vector * feature_mask(edit, layer).to(W.device))
 
 
 def position_note(edit):
@@ -130,6 +135,9 @@ def check_out(folder):
 
 def export_peft(model, edit, folder, base=None):
     """Write the rank-1 edit as a PEFT LoRA adapter in `folder`; the model is left as it was. Returns the files."""
+    if edit.ablate is not None:
+        raise SystemExit("this edit is a mean ablation (iti.py --ablate): it replaces head outputs by a constant, "
+                         "which no LoRA expresses; export it with --to hf (a merged checkpoint)")
     if edit.offset is not None or edit.a is None:
         raise SystemExit("this edit is a constant offset (ITI, or ipo_edit.py --param offset), which no LoRA "
                          "expresses: export it with --to hf (a merged checkpoint with the offset as an o_proj bias) "
@@ -182,13 +190,14 @@ def merge_edit(model, edit):
     """Merge `edit` into `model`'s weights in place (the hf export). Returns a note on any bias switched on."""
     projs, note = heads.out_projections(model), None
     layers = edited_layers(edit)
-    if edit.offset is not None and any(projs[l].bias is None for l in layers):
+    constant = edit.offset is not None or edit.ablate is not None  # needs a bias after W^l
+    if constant and any(projs[l].bias is None for l in layers):
         added = bias_switch(model)
         if added is None:
             raise SystemExit(f"{type(model).__name__} has no bias on its attention output projection and its config "
-                             "cannot switch one on, so an offset edit cannot be merged into its weights; Llama-family "
-                             "models (Llama, Qwen3, Gemma 1-3; attention_bias=true) and GPT-2, GPT-NeoX, Phi, OPT can. "
-                             "Export it with --to steer (an lm-eval steering file) instead")
+                             "cannot switch one on, so an offset or ablation edit cannot be merged into its weights; "
+                             "Llama-family models (Llama, Qwen3, Gemma 1-3; attention_bias=true) and GPT-2, GPT-NeoX, "
+                             "Phi, OPT can. Export an offset with --to steer (an lm-eval steering file) instead")
         with torch.no_grad():
             for name in added:
                 module_name, _, _ = name.rpartition(".")
@@ -207,6 +216,10 @@ def merge_edit(model, edit):
                 proj.weight.add_((update.T if is_conv1d(proj) else update).to(proj.weight.dtype))
             if edit.offset is not None:
                 proj.bias.add_(output_offset(edit, proj, l).to(proj.bias.dtype))
+            if edit.ablate is not None:  # o_h <- ablate_h: W^l's columns of the head to the bias, then zeroed
+                proj.bias.add_(output_offset(edit, proj, l, "ablate").to(proj.bias.dtype))
+                keep = (1 - feature_mask(edit, l)).to(proj.weight)
+                proj.weight.mul_(keep[:, None] if is_conv1d(proj) else keep[None, :])
     return note
 
 
@@ -223,6 +236,9 @@ def steer_config(model, edit):
     if edit.a is not None:
         raise SystemExit("this edit is rank-1 (o <- o + <a, o> b): it depends on o, and a steering file adds a "
                          "constant; export it with --to peft (a LoRA adapter) or --to hf (a merged checkpoint)")
+    if edit.ablate is not None:
+        raise SystemExit("this edit is a mean ablation (iti.py --ablate): it replaces head outputs, which a steering "
+                         "file's added constant cannot; export it with --to hf (a merged checkpoint)")
     projs, names = heads.out_projections(model), {id(m): n for n, m in model.base_model.named_modules()}
     return {names[id(projs[l])]: {"steering_vector": output_offset(edit, projs[l], l).cpu().contiguous(),
                                   "steering_coefficient": 1.0, "action": "add", "bias": None, "head_index": None}
@@ -312,6 +328,9 @@ def export(model, tokenizer, edit, fmt, folder, base=None):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.dtype == "mixed":
+        raise SystemExit("--dtype mixed runs bf16 products through hooks, which an export cannot carry: export "
+                         "float32 (the default) or bfloat16 weights")
     check_out(args.out)
     record = {"format": args.to}
     if args.to == "lm-eval-task":

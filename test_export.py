@@ -29,13 +29,14 @@ def fresh(tiny, name):
 
 
 def random_edit(model, kind, seed=1, meta=None):
-    """A seeded edit at heads 0.1, 2.0 and 2.3: kind 'lora1' (a, b) or 'offset'; sized so it visibly moves logits."""
+    """A seeded edit at heads 0.1, 2.0 and 2.3: kind 'lora1' (a, b), 'offset' or 'ablate' (o_h replaced by a
+    constant); sized so it visibly moves the logits."""
     geo = heads.geometry(model)
     g = torch.Generator().manual_seed(seed)
     mask = heads.heads_to_mask([(0, 1), (2, 0), (2, 3)], geo)
     hd = geo.n_heads * geo.head_dim
     tensors = dict(a=torch.randn(geo.n_layers, hd, generator=g), b=torch.randn(geo.n_layers, hd, generator=g)) \
-        if kind == "lora1" else dict(offset=torch.randn(geo.n_layers, geo.n_heads, geo.head_dim, generator=g))
+        if kind == "lora1" else {kind: torch.randn(geo.n_layers, geo.n_heads, geo.head_dim, generator=g)}
     meta = dict({"model": model.name_or_path, "fingerprint": heads.fingerprint(model), "method": "ipo",
                  "apply": "all"}, **(meta or {}))
     return heads.Edit(geo, mask, **tensors, meta=meta)
@@ -111,10 +112,11 @@ def test_peft_factors_are_a_and_W_times_masked_b(tiny, tmp_path):
     torch.testing.assert_close(B.double(), (W @ (edit.b[2].double() * mask))[:, None], rtol=1e-5, atol=1e-6)
 
 
-def test_peft_refuses_an_offset_edit(tiny, tmp_path):
+@pytest.mark.parametrize("kind,fix", [("offset", "--to hf .*--to steer"), ("ablate", "--to hf")])
+def test_peft_refuses_an_offset_or_ablation(tiny, tmp_path, kind, fix):
     model, _ = fresh(tiny, "tiny-llama")
-    with pytest.raises(SystemExit, match="--to hf .*--to steer"):
-        export.export_peft(model, random_edit(model, "offset"), str(tmp_path / "adapter"))
+    with pytest.raises(SystemExit, match=fix):
+        export.export_peft(model, random_edit(model, kind), str(tmp_path / "adapter"))
     assert not os.path.exists(tmp_path / "adapter")
 
 
@@ -122,7 +124,8 @@ def test_peft_refuses_an_offset_edit(tiny, tmp_path):
 
 @pytest.mark.parametrize("name,kind", [("tiny-llama", "lora1"), ("tiny-gpt2", "lora1"), ("tiny-qwen2", "lora1"),
                                        ("tiny-mistral", "lora1"), ("tiny-llama", "offset"), ("tiny-gemma2", "offset"),
-                                       ("tiny-gpt2", "offset"), ("tiny-neox", "offset"), ("tiny-opt", "offset")])
+                                       ("tiny-gpt2", "offset"), ("tiny-neox", "offset"), ("tiny-opt", "offset"),
+                                       ("tiny-llama", "ablate"), ("tiny-gpt2", "ablate"), ("tiny-phi", "ablate")])
 def test_hf_checkpoint_reproduces_the_edit(tiny, tmp_path, name, kind):
     model, tokenizer = fresh(tiny, name)
     edit, enc = random_edit(model, kind), batch(tokenizer)
@@ -156,11 +159,11 @@ def test_hf_offset_is_W_delta_in_the_o_proj_bias(tiny, tmp_path):
     assert max_diff(logits_of(loaded, enc), expected, enc) > 0.01
 
 
-@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-qwen2"])
-def test_hf_refuses_an_offset_where_no_o_proj_bias_exists(tiny, tmp_path, name):
+@pytest.mark.parametrize("name,kind", [("tiny-mistral", "offset"), ("tiny-qwen2", "offset"), ("tiny-qwen2", "ablate")])
+def test_hf_refuses_a_constant_where_no_o_proj_bias_exists(tiny, tmp_path, name, kind):
     model, tokenizer = fresh(tiny, name)
     with pytest.raises(SystemExit, match="Llama-family.*--to steer"):
-        export.export_hf(model, tokenizer, random_edit(model, "offset"), str(tmp_path / "merged"))
+        export.export_hf(model, tokenizer, random_edit(model, kind), str(tmp_path / "merged"))
     assert not os.path.exists(tmp_path / "merged")
 
 
@@ -186,10 +189,12 @@ def test_steer_file_holds_W_delta_at_each_edited_projection(tiny, tmp_path):
             h.remove()
 
 
-def test_steer_refuses_a_rank1_edit(tiny, tmp_path):
+@pytest.mark.parametrize("kind,fix", [("lora1", "--to peft .*--to hf"), ("ablate", "--to hf")])
+def test_steer_refuses_a_rank1_edit_or_an_ablation(tiny, tmp_path, kind, fix):
     model, _ = fresh(tiny, "tiny-llama")
-    with pytest.raises(SystemExit, match="--to peft .*--to hf"):
-        export.export_steer(model, random_edit(model, "lora1"), str(tmp_path / "steer"))
+    with pytest.raises(SystemExit, match=fix):
+        export.export_steer(model, random_edit(model, kind), str(tmp_path / "steer"))
+    assert not os.path.exists(tmp_path / "steer")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
@@ -305,3 +310,8 @@ def test_lm_eval_scores_mc1_mc2_as_evaluate_does(tiny, tmp_path, fixture_csv, mo
             tie = abs(scores_true[best[q]] - max(scores_false)) < 1e-6
             assert theirs[which][q][0] == mc1 or tie
     assert any(abs(ours["adapter"][q][1] - ours["baseline"][q][1]) > 0.01 for q in ours["baseline"])
+
+
+def test_cli_refuses_mixed_precision(tmp_path):
+    with pytest.raises(SystemExit, match="export float32"):
+        export.main(["x.safetensors", "--to", "hf", "--out", str(tmp_path / "m"), "--dtype", "mixed"])
