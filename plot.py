@@ -126,14 +126,14 @@ def hist_panel(sweep, method, claimed, pool, metric, pool_name, title, level, ma
         if result["claimed_ci"]:
             ax.axvspan(*result["claimed_ci"], color=CLAIMED_COLOR, alpha=0.15, label="its 95% interval")
         if result["noise_floor"]:
-            ax.errorbar([result["median"]], [1.25 * max(counts)], xerr=[[result["noise_floor"]]] * 2, fmt="o",
+            ax.errorbar([result["median"]], [1.1 * max(counts)], xerr=[[result["noise_floor"]]] * 2, fmt="o",
                         color="k", ms=3, capsize=4, label=f"noise floor +-{result['noise_floor']:.2g} around the "
                         f"median (spread: SD {result['spread'] or 0:.2g})")
         for label, value, style in marks:
             ax.axvline(value, lw=1.5, label=label, **style)
         what = f"drop of {LABELS[metric]} from unedited" if result["score"].startswith("drop") else \
             f"best {LABELS[metric]} over the {knob(method)} grid"
-        ax.set(xlabel=what, ylabel="number of head sets", title=title, ylim=(0, 1.9 * max(counts)))  # legend room
+        ax.set(xlabel=what, ylabel="number of head sets", title=title, ylim=(0, 2.2 * max(counts)))  # legend room
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(MaxNLocator(5))  # long tick labels when the scores differ in the 4th digit
         ax.legend(fontsize=7, loc="upper left")
@@ -149,6 +149,7 @@ def convergence_panel(sweep, claimed, field, threshold):
         return "no IPO training log with a validation curve (NAME.log.json beside the edit files)"
 
     def draw(ax):
+        from matplotlib.ticker import MaxNLocator
         seen = set()
         for spec, c in logs:
             role = "claimed" if spec == claimed else "all heads" if spec == "all" else spec.split(":")[0]
@@ -162,6 +163,7 @@ def convergence_panel(sweep, claimed, field, threshold):
         ax.set(xlabel="log entry (epoch, or every N steps)", ylabel="validation " + (
             "margin h (dashed: target 1/(2 tau))" if field == "val_margins" else "IPO loss"),
                title=f"{n_conv} of {len(logs)} IPO edits converged (last change < {threshold:.0%})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return draw
 
@@ -175,6 +177,7 @@ def calibration_panel(sweep, method, claimed, metric, level):
         return result.get("missing") or "fewer than two random sets"
 
     def draw(ax):
+        from matplotlib.ticker import MaxNLocator
         ax.hist(c["p"], bins=np.linspace(0, 1, 21), color=RANDOM_COLOR, edgecolor="white",
                 label=f"{c['n']} random sets, each on trial")
         ax.axhline(c["n"] / 20, color="k", ls=":", lw=1, label="expected under H0 (uniform)")
@@ -182,6 +185,7 @@ def calibration_panel(sweep, method, claimed, metric, level):
                    f"[{c['interval'][0]:.2g}, {c['interval'][1]:.2g}]")
         ax.set(xlabel="rank p-value of a random set against the others", ylabel="number of random sets",
                title=f"{report.NAMES.get(method, method)}, {metric}")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="upper right")
     return draw
 

@@ -126,9 +126,9 @@ def verdict(p, n, noise, spread, level, n_questions=None):
     needs = []
     if 1 / (n + 1) > level:
         needs.append(f"at least {math.ceil(1 / level) - 1} random sets (now {n}: the smallest p is 1/{n + 1})")
-    if noise is None or spread is None:
+    if noise is None:
         needs.append("the per-question rows (NAME.jsonl beside each result) to know the noise floor")
-    elif spread <= noise:
+    elif spread is not None and spread <= noise:
         more = f" (about {math.ceil(n_questions * (noise / spread) ** 2)})" if n_questions and spread > 0 else ""
         needs.append(f"more questions{more}: the random sets' spread {spread:.3g} is within the noise floor "
                      f"{noise:.3g}")
@@ -194,8 +194,9 @@ def load_results(runs):
             print(f"skipping {path}: not a result file of evaluate.py")
             continue
         point = {**result["metrics"], "path": path, "key": pool_key(result), "edit_file": result.get("edit_file")}
-        models_seen.add(str((point["key"].get("model") or {}).get("model", "unknown model")))
         edit = result["edit"]
+        models_seen.add((point["key"].get("model") or {}).get("model") or (edit or {}).get("model") or
+                        ((result.get("run") or {}).get("args") or {}).get("model") or "unknown model")
         if edit is None:
             baselines.append(dict(point, grid=None))
             continue
@@ -516,7 +517,8 @@ def report(sweep, claimed, metric, args):
         delta = None if base is None else [base.get(metric), point.get(metric)]
         delta_ci = None if base is None else interval(metric, point, base, opts)
         diff = None if delta is None or None in delta else delta[1] - delta[0]
-        heads_rows.append({"edit": label, "path": point["path"], "metrics": {m: point.get(m) for m in METRICS},
+        heads_rows.append({"edit": label, "path": point["path"], "metrics": {m: runfiles.finite_or_none(point.get(m))
+                                                                              for m in METRICS},
                            "intervals": ci, "minus_unedited": diff, "minus_unedited_ci": delta_ci})
         lines.append(f"| {label} | " + " | ".join(with_ci(point.get(m), ci[m]) for m in COLUMNS) +
                      f" | {'' if base is None else with_ci(diff, delta_ci)} |")
@@ -631,7 +633,7 @@ def edit_section(sweep, metric, opts, threshold, numbers):
         if conv and conv["converged"] is False:
             unconverged.append(label)
         ci = {m: interval(m, p, None, opts) for m in dict.fromkeys([metric, "mc2"])}
-        numbers["edits"].append({"edit": label, "path": p["path"], metric: p.get(metric), "mc2": p.get("mc2"),
+        numbers["edits"].append({"edit": label, "path": p["path"], **{m: runfiles.finite_or_none(p.get(m)) for m in ci},
                                  "intervals": ci, "answers": shares, "convergence": conv})
         pct = lambda v: f"{v:.0%}"  # noqa: E731
         conv_text = "" if conv is None else {True: "yes", False: "**no**", None: "no curve"}[conv["converged"]] + (
