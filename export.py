@@ -126,11 +126,18 @@ def position_note(edit):
 
 # ---- Formats
 
-def check_out(folder):
-    """Refuse a folder that holds something other than an earlier export (its files would be mixed with ours)."""
-    runfiles.check_writable(os.path.join(folder, "export.json"))
-    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, "export.json")):
-        raise SystemExit(f"--out {folder} exists and holds files that are not an export: pass a new folder")
+def check_out(folder, fmt):
+    """Refuse a folder that holds something other than an earlier export of the same format (its files would be mixed
+    with ours)."""
+    record = os.path.join(folder, "export.json")
+    runfiles.check_writable(record)
+    if os.path.isdir(folder) and os.listdir(folder):
+        if not os.path.isfile(record):
+            raise SystemExit(f"--out {folder} exists and holds files that are not an export: pass a new folder")
+        with open(record) as f:
+            earlier = json.load(f).get("format")
+        if earlier != fmt:
+            raise SystemExit(f"--out {folder} holds an earlier --to {earlier} export: pass a new folder for --to {fmt}")
 
 
 def export_peft(model, edit, folder, base=None):
@@ -159,7 +166,17 @@ def export_peft(model, edit, folder, base=None):
         peft_model.save_pretrained(folder, save_embedding_layers=False)  # untouched; no hub look-up
     finally:
         peft_model.unload()  # the base model's own modules back in place, without the LoRA layers
-    return ["adapter_config.json", "adapter_model.safetensors"]
+    return written(folder)
+
+
+def written(folder):
+    """The files of an export, with the permissions open() would give them (some writers make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = sorted(f for f in os.listdir(folder) if f != "export.json")
+    for f in files:
+        os.chmod(os.path.join(folder, f), 0o666 & ~umask)
+    return files
 
 
 def module_names(model):
@@ -228,7 +245,7 @@ def export_hf(model, tokenizer, edit, folder):
     note = merge_edit(model, edit)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return sorted(f for f in os.listdir(folder) if f != "export.json"), note
+    return written(folder), note
 
 
 def steer_config(model, edit):
@@ -249,7 +266,7 @@ def export_steer(model, edit, folder):
     config = steer_config(model, edit)
     os.makedirs(folder, exist_ok=True)
     runfiles.write_atomic(os.path.join(folder, "steer.pt"), lambda tmp: torch.save(config, tmp))
-    return ["steer.pt"]
+    return written(folder)
 
 
 # ---- TruthfulQA as a local lm-eval task
@@ -331,7 +348,7 @@ def main(argv=None):
     if args.dtype == "mixed":
         raise SystemExit("--dtype mixed runs bf16 products through hooks, which an export cannot carry: export "
                          "float32 (the default) or bfloat16 weights")
-    check_out(args.out)
+    check_out(args.out, args.to)
     record = {"format": args.to}
     if args.to == "lm-eval-task":
         if args.edit is not None:

@@ -245,7 +245,10 @@ def test_cli_refuses_an_edit_made_for_another_model(tiny, tmp_path, other, why):
 
 def test_cli_refuses_a_folder_holding_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="pass a new folder"):
+    with pytest.raises(SystemExit, match="not an export: pass a new folder"):
+        export.main(["x.safetensors", "--to", "peft", "--out", str(tmp_path)])
+    (tmp_path / "export.json").write_text('{"format": "hf"}')
+    with pytest.raises(SystemExit, match="earlier --to hf export: pass a new folder"):
         export.main(["x.safetensors", "--to", "peft", "--out", str(tmp_path)])
 
 
