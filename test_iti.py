@@ -155,13 +155,14 @@ def record_edit_deltas(model, calls, edit, start):
     projs = heads.out_projections(model)
     seen = {l: [] for l in range(len(projs))}
     before = {}
-    handles = [p.register_forward_pre_hook(lambda m, a, l=l: before.__setitem__(l, a[0].clone())) for l, p in
-               enumerate(projs)]  # registered first: sees o^l before the edit's hook
-    handles += [p.register_forward_hook(lambda m, a, out, l=l: seen[l].append(a[0] - before[l])) for l, p in
-                enumerate(projs)]  # sees o^l as the projection reads it, after the edit
-    cache = None
+    cache, handles = None, []
     try:
         with torch.no_grad(), heads.edited(model, edit, start=start):
+            # prepended once the edit's hooks are on: sees o^l before the edit, whichever end the edit hooks in at
+            handles += [p.register_forward_pre_hook(lambda m, a, l=l: before.__setitem__(l, a[0].clone()),
+                                                    prepend=True) for l, p in enumerate(projs)]
+            handles += [p.register_forward_hook(lambda m, a, out, l=l: seen[l].append(a[0] - before[l]))
+                        for l, p in enumerate(projs)]  # sees o^l as the projection reads it, after the edit
             for call in calls:
                 cache = call(cache)
     finally:
