@@ -297,30 +297,6 @@ def draw_figure(path, title, panels, provenance):
     return skipped
 
 
-def draw_figure(path, title, panels, provenance):
-    """One PNG with the panels that have data (5 x 4.3 inches each, or a lone panel's .size); returns the skip
-    reasons {panel: reason}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    skipped = {name: panel for name, panel in panels if isinstance(panel, str)}
-    drawable = [panel for _, panel in panels if not isinstance(panel, str)]
-    for name, reason in skipped.items():
-        print(f"{os.path.basename(path)}: skipped {name}: {reason}")
-    if drawable:
-        size = getattr(drawable[0], "size", (5.0, 4.3))
-        fig, axes = plt.subplots(1, len(drawable), figsize=(size[0] * len(drawable), size[1]), squeeze=False)
-        for ax, panel in zip(axes[0], drawable):
-            panel(ax)
-        fig.suptitle(textwrap.fill(title, int(13 * fig.get_figwidth())), fontsize=10)  # ~13 characters an inch
-        fig.tight_layout()
-        runfiles.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
-                                                          metadata={"Description": json.dumps(provenance)}))
-        plt.close(fig)
-        print(f"wrote {path}")
-    return skipped
-
-
 def main(argv=None):
     args = parse_args(argv)
     sweep = report.load_results(args.runs)

@@ -89,20 +89,24 @@ def bootstrap(columns, statistic, n_resamples=N_RESAMPLES, seed=0, level=0.95):
     return float(lo), float(hi)
 
 
+def row_columns(rows, metric):
+    """{name: [n]} the per-question columns `metric` is computed from, or None when a row lacks one; ValueError on a
+    non-finite value."""
+    needs = ("truth", "info") if metric == "info_truth" else (metric,)
+    if not rows or any(r.get(name) is None for r in rows for name in needs):
+        return None
+    columns = {name: np.array([r[name] for r in rows], dtype=float) for name in needs}
+    if not all(np.isfinite(c).all() for c in columns.values()):
+        raise ValueError(f"a non-finite {metric}")
+    return columns
+
+
 def intervals(rows, metrics=METRICS, n_resamples=N_RESAMPLES, seed=0, level=0.95):
     """{metric: [lo, hi]} over the per-question rows of one evaluation (evaluate.py's NAME.jsonl), None for a metric
-    the rows lack; a non-finite value is an error."""
-    out = {}
-    for metric in metrics:
-        needs = ("truth", "info") if metric == "info_truth" else (metric,)
-        if not rows or any(r.get(name) is None for r in rows for name in needs):
-            out[metric] = None
-            continue
-        columns = {name: np.array([r[name] for r in rows], dtype=float) for name in needs}
-        if not all(np.isfinite(c).all() for c in columns.values()):
-            raise ValueError(f"a non-finite {metric} in the rows")
-        out[metric] = list(bootstrap(columns, lambda c: score(c, metric), n_resamples, seed, level))
-    return out
+    the rows lack; a non-finite value is a ValueError."""
+    columns = {metric: row_columns(rows, metric) for metric in metrics}
+    return {metric: c and list(bootstrap(c, lambda d, m=metric: score(d, m), n_resamples, seed, level))
+            for metric, c in columns.items()}
 
 
 def rank_test(claimed, random_values):
@@ -240,16 +244,13 @@ def rows(point):
     return _ROWS[path]
 
 
-def columns(point, metric, questions=None):
-    """{name: [n]} per-question columns of `metric`, in the order of `questions`; None without rows or values."""
+def columns(point, metric, questions):
+    """{name: [n]} per-question columns of `metric` at `point`, in the order of `questions`; None without them."""
     found = rows(point)
-    needs = ("truth", "info") if metric == "info_truth" else (metric,)
-    if found is None or any(r.get(name) is None for r in found.values() for name in needs):
-        return None
-    out = {name: np.array([found[q][name] for q in questions or sorted(found)], dtype=float) for name in needs}
-    if not all(np.isfinite(c).all() for c in out.values()):
-        raise SystemExit(f"{point['path'][:-5]}.jsonl holds a non-finite {metric}: rerun evaluate.py for that edit")
-    return out
+    try:
+        return found and row_columns([found[q] for q in questions], metric)
+    except ValueError as e:
+        raise SystemExit(f"{point['path'][:-5]}.jsonl holds {e}: rerun evaluate.py for that edit") from None
 
 
 def has(sweep, metric):
@@ -407,7 +408,7 @@ def trial(sweep, method, claimed, pool, metric, level, opts=None, descriptive=Fa
 # ---- Per edit: non-answers, repeated answers, IPO convergence
 
 def words(text):
-    return re.findall(r"[a-z0-9']+", (text or "").lower())
+    return re.findall(r"[a-z0-9']+", (text or "").lower().replace("\u2019", "'"))
 
 
 def is_non_answer(question, answer):
@@ -482,110 +483,116 @@ def all_trials(sweep, claimed, metrics, level, opts):
 
 
 def headline(sweep, claimed, metric, opts):
-    """[(label, point, base)]: the unedited model and each method's best edit at the claimed heads and at all heads."""
-    lines = []
+    """(table lines, rows): the unedited model and each method's best edit at the claimed heads and at all heads,
+    every metric with its interval, and the paired difference from the unedited model."""
+    edits = []
     for (method, spec), points in sorted(sweep["curves"].items()):
-        if spec in (claimed, "all"):
-            base = baseline(sweep, points[0])
-            if method in DROP and base is None:
-                continue
+        base = baseline(sweep, points[0])
+        if spec in (claimed, "all") and (base is not None or method not in DROP):
             _, at = set_score(sweep, method, spec, metric, {p["grid"] for p in points}, base)
             check_poolable([at] + [base] * (base is not None))
-            lines.append((f"{NAMES.get(method, method)} at {'all heads' if spec == 'all' else spec}", at, base))
-    first = baseline(sweep, lines[0][1] if lines else None)
-    return [("unedited", first, None)] * (first is not None) + lines
+            edits.append((f"{NAMES.get(method, method)} at {'all heads' if spec == 'all' else spec}", at, base))
+    first = baseline(sweep, edits[0][1] if edits else None)
+    if first is None and sweep["baselines"]:
+        print(f"note: the unedited result {sweep['baselines'][0]['path']} was evaluated differently from the edits: "
+              "no comparison with it (evaluate it again with the edits' settings)")
+    lines = ["| edit (best over its grid) | " + " | ".join(COLUMNS) + f" | {metric} - unedited |",
+             "|---|" + "---|" * (len(COLUMNS) + 1)]
+    rows_ = []
+    for label, point, base in [("unedited", first, None)] * (first is not None) + edits:
+        ci = {m: interval(m, point, None, opts) for m in COLUMNS}
+        value = {m: runfiles.finite_or_none(point.get(m)) for m in COLUMNS}
+        diff = None if base is None or None in (value[metric], base.get(metric)) else value[metric] - base[metric]
+        diff_ci = None if base is None else interval(metric, point, base, opts)
+        rows_.append({"edit": label, "path": point["path"], "metrics": value, "intervals": ci,
+                      "minus_unedited": diff, "minus_unedited_ci": diff_ci})
+        lines.append(f"| {label} | " + " | ".join(with_ci(value[m], ci[m]) for m in COLUMNS) +
+                     f" | {'' if base is None else with_ci(diff, diff_ci)} |")
+    return lines, rows_
 
 
-def report(sweep, claimed, metric, args):
-    """(markdown text, numbers)."""
-    opts, level = (args.resamples, args.seed), args.level
-    metrics = [metric] + ["mc2"] * (metric != "mc2" and has(sweep, "mc2"))
-    k = roles(sweep, claimed)["k"]
-    trials = all_trials(sweep, claimed, metrics, level, opts)
-    tiny = any("plumbing check" in str(p["key"].get("model")) for c in sweep["curves"].values() for p in c)
-    lines = [f"# Localization report: `{claimed}` on {sweep['model']}", ""]
-    lines += ["**A random tiny model: every number below is a plumbing check, not a finding.**", ""] * tiny
-    lines += [f"Claimed head set `{claimed}` ({k} heads: {', '.join(sweep['heads'].get(claimed, []))}), on trial "
-              f"against random {k}-head sets. Every number carries its 95% bootstrap interval over questions "
-              f"({args.resamples} resamples, seed {args.seed}); a difference from the unedited model is paired on "
-              "the same questions.", "", "## Headline", "",
-              "| edit (best over its grid) | " + " | ".join(COLUMNS) + f" | {metric} - unedited |",
-              "|---|" + "---|" * (len(METRICS) + 1)]
-    heads_rows = []
-    for label, point, base in headline(sweep, claimed, metric, opts):
-        ci = {m: interval(m, point, None, opts) for m in METRICS}
-        delta = None if base is None else [base.get(metric), point.get(metric)]
-        delta_ci = None if base is None else interval(metric, point, base, opts)
-        diff = None if delta is None or None in delta else delta[1] - delta[0]
-        heads_rows.append({"edit": label, "path": point["path"], "metrics": {m: runfiles.finite_or_none(point.get(m))
-                                                                              for m in METRICS},
-                           "intervals": ci, "minus_unedited": diff, "minus_unedited_ci": delta_ci})
-        lines.append(f"| {label} | " + " | ".join(with_ci(point.get(m), ci[m]) for m in COLUMNS) +
-                     f" | {'' if base is None else with_ci(diff, delta_ci)} |")
-    lines += ["", "## Trials", "", "Score of a head set: its best value over the grid every compared set has (for an "
-              "ablation: the largest drop from the unedited model). Noise floor: the median half-width of one set's "
-              "interval. Spread: the standard deviation of the random sets' scores. Claimed - random: how many "
-              "random sets the claimed set is above / below, by a paired interval that excludes 0.", "",
-              "| trial | metric | claimed [CI] (at) | random min / median / max | n | rank | p | noise floor | spread "
-              "| claimed - random: above / below | verdict |", "|" + "---|" * 11]
+def trial_lines(trials):
+    lines = ["| trial | metric | claimed [CI] (at) | random min / median / max | n | rank | p | noise floor | spread "
+             "| claimed - random: above / below | verdict |", "|" + "---|" * 11]
     for name, by_metric in trials.items():
         for m, t in by_metric.items():
             if "missing" in t:
                 lines.append(f"| {name} | {m} | not tested: {t['missing']} |" + " |" * 8)
                 continue
             at = "".join(f" ({key} {v:g})" for key, v in t["claimed_at"].items() if v is not None)
+            test = t["rank_test"]
             lines.append(f"| {name} | {m} | {with_ci(t['claimed'], t['claimed_ci'])}{at} | {num(t['min'])} / "
-                         f"{num(t['median'])} / {num(t['max'])} | {t['n']} | {t['rank_test']['rank']} of "
-                         f"{t['rank_test']['of']} | {num(t['rank_test']['p'])} | {num(t['noise_floor'])} | "
-                         f"{num(t['spread'])} | {t['paired']['above']} / {t['paired']['below']} | {t['verdict']} |")
-    lines += ["", "## Verdict", ""] + verdict_lines(trials, k, level)
-    lines += test_section(trials, level) + edit_section(sweep, metric, opts, args.converged, numbers := {})
-    numbers.update(model=sweep["model"], claimed=claimed, k=k, metric=metric, level=level, headline=heads_rows,
-                   trials=trials, resamples=args.resamples, seed=args.seed)
-    return "\n".join(lines) + "\n", numbers
+                         f"{num(t['median'])} / {num(t['max'])} | {t['n']} | {test['rank']} of {test['of']} | "
+                         f"{num(test['p'])} | {num(t['noise_floor'])} | {num(t['spread'])} | "
+                         f"{t['paired']['above']} / {t['paired']['below']} | {t['verdict']} |")
+    return lines
 
 
-def verdict_lines(trials, k, level):
+def verdict_lines(trials, k):
     lines = []
     for name, by_metric in trials.items():
+        tested = {m: t for m, t in by_metric.items() if "missing" not in t}
         if name.endswith("single heads"):
-            t = next(iter(by_metric.values()))
-            if "missing" not in t:
-                lines.append(f"- **{name}** (descriptive): {t['rank_test']['n_at_least']} of {t['n']} single heads "
-                             f"score at least as well as the claimed {k} heads under {t['metric']}.")
+            lines += [f"- **{name}** (descriptive): {t['rank_test']['n_at_least']} of {t['n']} single heads score at "
+                      f"least as well as the claimed {k} heads under {m}." for m, t in list(tested.items())[:1]]
             continue
-        method = next((m for m, n in NAMES.items() if n == name), None)
-        said = [f"under {m}: " + (f"not tested ({t['missing']})" if "missing" in t else f"**{t['verdict']}** (rank "
+        said = [f"under {m}: " + (f"not tested ({t['missing']})" if m not in tested else f"**{t['verdict']}** (rank "
                 f"{t['rank_test']['rank']} of {t['rank_test']['of']}, p = {t['rank_test']['p']:.3g}" +
-                (f"; conclusive with {' and '.join(t['needs'])}" if t["needs"] else "") + ")")
+                "".join(f"; conclusive with {' and '.join(t['needs'])}" for _ in t["needs"][:1]) + ")")
                 for m, t in by_metric.items()]
-        lines.append(f"- **{name}**" + (f" ({ABOUT[method]})" if method else "") + ": the claimed heads, against "
+        method = next((m for m, n in NAMES.items() if n == name), None)
+        lines.append(f"- **{name}**" + (f" ({ABOUT[method]})" if method else "") + f": the claimed heads against "
                      f"random {k}-head sets, " + "; ".join(said) + ".")
-        found = {t["verdict"] for t in by_metric.values() if "missing" not in t}
-        if len(found) > 1:
-            lines.append("  The two metrics disagree: the judged score and the judge-free MC2 tell different "
-                         "stories here; trust neither alone.")
-    ipo = (trials.get("IPO") or {})
-    t = next(iter(ipo.values()), {"missing": 1})
-    if "missing" in t:
+        if len({t["verdict"] for t in tested.values()}) > 1:
+            lines.append("  The two metrics disagree: the judged score and the judge-free MC2 tell different stories "
+                         "here; trust neither alone.")
+    ipo = next(iter((trials.get("IPO") or {}).values()), {"missing": "no IPO trial"})
+    if "missing" in ipo:
         return lines
-    return lines + ["", {"stands out": "Under the optimal edit the claimed heads stand out from random heads: "
-                         "editing them gives evidence, by this test, that the behaviour is localized there.",
+    return lines + ["", {"stands out": "Under the optimal edit the claimed heads stand out from random heads: editing "
+                         "them gives evidence, by this test, that the behaviour is localized there.",
                          "does not stand out": "Under the optimal edit the claimed heads do not stand out from random "
                          "heads: that editing them works gives no evidence that the behaviour is localized there "
                          "(the paper's argument).",
-                         "inconclusive": "Under the optimal edit this run cannot tell whether the claimed heads "
-                         "stand out: the verdict is inconclusive."}[t["verdict"]]]
+                         "inconclusive": "Under the optimal edit this run cannot tell whether the claimed heads stand "
+                         "out: the verdict is inconclusive."}[ipo["verdict"]]]
 
 
-def test_section(trials, level):
-    """'The test': the rule and its calibration on these results."""
+def report(sweep, claimed, metric, args):
+    """(markdown text, numbers for report.json)."""
+    opts, k = (args.resamples, args.seed), roles(sweep, claimed)["k"]
+    trials = all_trials(sweep, claimed, [metric] + ["mc2"] * (metric != "mc2" and has(sweep, "mc2")), args.level,
+                        opts)
+    table, headline_rows = headline(sweep, claimed, metric, opts)
+    edit_lines, edits = edit_section(sweep, metric, opts, args.converged)
+    tiny = any("plumbing check" in str(p["key"].get("model")) for c in sweep["curves"].values() for p in c)
+    lines = [f"# Localization report: `{claimed}` on {sweep['model']}", "",
+             *["**A random tiny model: every number below is a plumbing check, not a finding.**", ""] * tiny,
+             f"Claimed head set `{claimed}` ({k} heads: {', '.join(sweep['heads'].get(claimed, []))}), on trial "
+             f"against random {k}-head sets. Every number carries its 95% bootstrap interval over questions "
+             f"({args.resamples} resamples, seed {args.seed}); a difference between edits is paired on the same "
+             "questions.", "", "## Headline", "", *table, "", "## Trials", "",
+             "Score of a head set: its best value over the grid every compared set has (for an ablation: the largest "
+             "drop from the unedited model); its interval is at the chosen grid value (picking the best of several "
+             "values lifts every set's score a little alike). Noise floor: the median half-width of one set's "
+             "interval. Spread: the standard deviation of the random sets' scores. Claimed - random: how many random "
+             "sets the claimed set is above / below by a paired interval that excludes 0.", "",
+             *trial_lines(trials), "", "## Verdict", "", *verdict_lines(trials, k),
+             *test_section(trials, metric, args.level), *edit_lines]
+    return "\n".join(lines) + "\n", {
+        "model": sweep["model"], "claimed": claimed, "k": k, "metric": metric, "level": args.level,
+        "resamples": args.resamples, "seed": args.seed, "headline": headline_rows, "trials": trials, "edits": edits}
+
+
+def test_section(trials, metric, level):
+    """'The test': the rule and its calibration on these results (all trials together: under `metric`)."""
     rows_, k_all, n_all = [], 0, 0
     for name, by_metric in trials.items():
         for m, t in by_metric.items():
             c = t.get("calibration")
             if c:
-                k_all, n_all = k_all + round(c["share"] * c["n"]), n_all + c["n"]
+                if m == metric:
+                    k_all, n_all = k_all + round(c["share"] * c["n"]), n_all + c["n"]
                 rows_.append(f"| {name} | {m} | {c['n']} | {c['share']:.3g} | [{c['interval'][0]:.3g}, "
                              f"{c['interval'][1]:.3g}] |")
     lines = ["", "## The test", "",
@@ -604,17 +611,18 @@ def test_section(trials, level):
              f"be at most {level} within sampling error (a 95% Clopper-Pearson interval). Within one pool the "
              "ranks are a permutation, so the share is at most floor(level n)/n by construction: a share above "
              "it would mean sets were scored differently.", ""]
-    if not rows_:
+    if not n_all:
         return lines + ["Not computed: no trial has two random sets or more."]
     ci = share_interval(k_all, n_all)
     return lines + ["| trial | metric | sets on trial | share p <= level | 95% interval |", "|---|---|---|---|---|",
-                    *rows_, "", f"All trials together: {k_all} of {n_all} = {k_all / n_all:.3g} [{ci[0]:.3g}, "
-                    f"{ci[1]:.3g}]: " + ("calibrated" if ci[0] <= level else "NOT calibrated") +
+                    *rows_, "", f"All trials together under {metric}: {k_all} of {n_all} = {k_all / n_all:.3g} "
+                    f"[{ci[0]:.3g}, {ci[1]:.3g}]: " + ("calibrated" if ci[0] <= level else "NOT calibrated") +
                     f" at level {level}."]
 
 
-def edit_section(sweep, metric, opts, threshold, numbers):
-    """Per edit: the metric and MC2 with intervals, the shares of non-answers and repeated answers, convergence."""
+def edit_section(sweep, metric, opts, threshold):
+    """(lines, rows): per edit the metric and MC2 with intervals, the shares of non-answers and repeated answers,
+    and for IPO whether the training converged."""
     lines = ["", "## Per edit", "", "Non-answer: an answer with no word left once the question's words and a short "
              "list of function words and hedges (report.HEDGES) are removed: 'I have no comment.' and 'The answer is "
              "no.' are non-answers. Repeated: the share of the most common answer. Converged (IPO): the validation "
@@ -622,31 +630,28 @@ def edit_section(sweep, metric, opts, threshold, numbers):
              "margin against the IPO target 1/(2 tau).", "",
              f"| edit | {metric} [CI] | mc2 [CI] | non-answers | repeated | converged | margin / target |",
              "|---|---|---|---|---|---|---|"]
-    numbers["edits"], unconverged = [], []
     natural = lambda key: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", " ".join(key))]  # noqa: E731
     points = [("unedited", b) for b in sweep["baselines"]] + [
         (f"{m} {s}" + ("" if p["grid"] is None else f" {knob(m)} {p['grid']:g}"), p)
         for (m, s), pts in sorted(sweep["curves"].items(), key=lambda item: natural(item[0])) for p in pts]
+    rows_, pct = [], lambda v: f"{v:.0%}"  # noqa: E731
     for label, p in points:
         shares = answer_shares(p)
         conv = convergence(p, threshold) if label.startswith("ipo") else None
-        if conv and conv["converged"] is False:
-            unconverged.append(label)
         ci = {m: interval(m, p, None, opts) for m in dict.fromkeys([metric, "mc2"])}
-        numbers["edits"].append({"edit": label, "path": p["path"], **{m: runfiles.finite_or_none(p.get(m)) for m in ci},
-                                 "intervals": ci, "answers": shares, "convergence": conv})
-        pct = lambda v: f"{v:.0%}"  # noqa: E731
-        conv_text = "" if conv is None else {True: "yes", False: "**no**", None: "no curve"}[conv["converged"]] + (
+        rows_.append({"edit": label, "path": p["path"], **{m: runfiles.finite_or_none(p.get(m)) for m in ci},
+                      "intervals": ci, "answers": shares, "convergence": conv})
+        said = "" if conv is None else {True: "yes", False: "**no**", None: "no curve"}[conv["converged"]] + (
             f" ({conv['change']:.1%})" if conv["change"] is not None else "")
-        margin = "" if not conv or conv["val_margin"] is None or not conv["target"] else \
-            f"{conv['val_margin']:.3g} / {conv['target']:.3g}"
-        lines.append(f"| {label} | {with_ci(p.get(metric), ci[metric])} | {with_ci(p.get('mc2'), ci['mc2'])} | "
-                     f"{pct(shares['non_answers']) if shares else 'n/a'} | {pct(shares['repeated']) if shares else 'n/a'}"
-                     f" | {conv_text} | {margin} |")
-    if unconverged:
-        lines += ["", f"**Unconverged IPO results** ({len(unconverged)}): {', '.join(unconverged)}. Their scores "
-                  "understate what the optimal edit can do at those heads."]
-    return lines
+        margin = f"{conv['val_margin']:.3g} / {conv['target']:.3g}" if conv and conv["val_margin"] is not None \
+            and conv["target"] else ""
+        lines.append(f"| {label} | {with_ci(p.get(metric), ci[metric])} | {with_ci(p.get('mc2'), ci['mc2'])} | " +
+                     (f"{pct(shares['non_answers'])} | {pct(shares['repeated'])}" if shares else "n/a | n/a") +
+                     f" | {said} | {margin} |")
+    unconverged = [r["edit"] for r in rows_ if (r["convergence"] or {}).get("converged") is False]
+    lines += ["", f"**Unconverged IPO results** ({len(unconverged)}): {', '.join(unconverged)}. Their scores "
+              "understate what the optimal edit can do at those heads."] * bool(unconverged)
+    return lines, rows_
 
 
 def main(argv=None):

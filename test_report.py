@@ -110,10 +110,12 @@ def test_info_truth_bootstrap_matches_the_enumerated_distribution():
 
 
 def test_bootstrap_agrees_with_the_normal_interval_on_a_large_sample():
-    x = np.random.default_rng(0).normal(2.0, 3.0, 4000)
-    lo, hi = report.bootstrap({"mc2": x}, lambda c: report.score(c, "mc2"), 4000, seed=1)
+    """The mean of 2,000 normal draws: the percentile interval is mean +- 1.96 sd / sqrt(n), to its sampling error."""
+    x = np.random.default_rng(0).normal(2.0, 3.0, 2000)
+    lo, hi = report.bootstrap({"mc2": x}, lambda c: report.score(c, "mc2"), 2000, seed=1)
     half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
-    assert lo == pytest.approx(x.mean() - half, abs=0.05 * half) and hi == pytest.approx(x.mean() + half, abs=0.05 * half)
+    assert lo == pytest.approx(x.mean() - half, abs=0.08 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.08 * half)
 
 
 def test_intervals_for_evaluate():
@@ -330,3 +332,18 @@ def test_claimed_list_and_shards(planted, tmp_path):
     assert without_paths(sharded["trials"]) == without_paths(numbers["trials"])
     with pytest.raises(SystemExit, match="no result was made at those heads"):
         run_report(run, "--claimed", "0.0,0.1", out=str(tmp_path / "f"))
+
+
+def test_a_non_finite_row_is_refused_naming_the_rows_file(tmp_path):
+    run = write_sweep(str(tmp_path), randoms=[0.5] * 3, methods=("iti",))
+    path = f"{run}/results/iti-random_4_1-15.jsonl"
+    rows = [json.loads(line) for line in open(path)]
+    rows[3]["mc2"] = float("nan")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"iti-random_4_1-15.jsonl holds a non-finite mc2: rerun evaluate.py"):
+        run_report(run)
+    with open(path, "w") as f:
+        f.write('{"question": "What is fact 0?", "mc')
+    with pytest.raises(SystemExit, match=r"iti-random_4_1-15.jsonl holds a line that is not a per-question row"):
+        run_report(run)
