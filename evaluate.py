@@ -661,8 +661,7 @@ def check_args(args):
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.n_texts < 1 or args.text_tokens < 2:
         raise SystemExit("--batch-size, --max-new-tokens and --n-texts must be at least 1, --text-tokens at least 2")
     for device in {args.device, args.judge_device or args.device}:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {device}: this torch sees no CUDA GPU; pass --device cpu")
+        models.check_device(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return skip
@@ -681,7 +680,8 @@ def main(argv=None):
                 "max_questions": args.max_questions, "questions": len(questions), "instruction": args.instruction,
                 "mc": "summed log-probs of the tokens of ' ' + closed answer after tqa.qa_prompt",
                 "generation": {"max_new_tokens": args.max_new_tokens, "prompt_end": PROMPT_END, "rule": CUT_RULE},
-                "skip": sorted(skip), "precision": {"dtype": args.dtype}}
+                "skip": sorted(skip), "precision": {"dtype": args.dtype, "note": model_about.get("precision",
+                                                     f"weights and activations in {args.dtype}")}}
     for t in targets:
         if t.edit_file is not None:
             t.edit = heads.load_edit(t.edit_file, model)

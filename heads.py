@@ -94,7 +94,7 @@ def record_heads(model, positions, **inputs):
         if len(outputs) == geo.n_layers:
             raise _Stop
 
-    handles = [p.register_forward_pre_hook(hook) for p in projs]
+    handles = [p.register_forward_pre_hook(hook, prepend=True) for p in projs]
     try:
         model(**inputs, use_cache=False)
     except _Stop:
@@ -239,7 +239,8 @@ def edited(model, edit, start=None, rows=None):
         return hook
 
     layers = [l for l in range(len(projs)) if edit.head_mask[..., l, :].any()]
-    handles = [projs[l].register_forward_pre_hook(make_hook(l)) for l in layers]
+    # prepend: the edit sees o^l as the model computes it, before any precision hook casts it for W^l
+    handles = [projs[l].register_forward_pre_hook(make_hook(l), prepend=True) for l in layers]
     try:
         yield placement
     finally:

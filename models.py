@@ -44,8 +44,9 @@ TINY_CONFIGS = {
 def add_model_args(parser):
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, local folder, or built-in: {DEFAULT_MODEL} (offline) or tiny-llama, tiny-gpt2, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (bfloat16 for 7B models on a GPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "mixed"],
+                        help="weights dtype (bfloat16 for 7B models on a GPU); mixed: the linear layers but the "
+                        "lm_head multiply in bf16, everything else stays float32 (models.bf16_linears)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, or auto (device_map=auto across GPUs, needs accelerate)")
 
@@ -110,6 +111,9 @@ def load_model(name=DEFAULT_MODEL, dtype="float32", device="cpu"):
     """(model, tokenizer, about): the model in eval mode with frozen weights; `about` says what was loaded."""
     check_model_name(name)
     check_device(device)
+    if dtype == "mixed":
+        model, tokenizer, about = load_model(name, "float32", device)
+        return bf16_linears(model), tokenizer, dict(about, precision=MIXED_NOTE)
     torch_dtype = getattr(torch, dtype)
     if name in TINY_CONFIGS:
         model, tokenizer = _tiny(name)
@@ -126,6 +130,45 @@ def load_model(name=DEFAULT_MODEL, dtype="float32", device="cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, about
+
+
+MIXED_NOTE = ("mixed: the linear layers but the lm_head multiply in bf16 on bf16 weights, rows padded to a few "
+              "sizes; residual stream, norms, attention, lm_head, log-softmax and sums in float32")
+
+
+def _bucket(rows):
+    """The row count a product is padded to: up to 32 rows (decoding steps) as they are, above the next of
+    2^k x (1, 1.25, 1.5, 1.75): at most 25% more rows, a few dozen shapes in all."""
+    size = rows if rows <= 32 else 32
+    while size < rows:
+        octave = 1 << (size.bit_length() - 1)
+        size = next(s for s in (octave * 5 // 4, octave * 3 // 2, octave * 7 // 4, octave * 2) if s > size)
+    return size
+
+
+def _bf16_rows(module, args):
+    x = args[0]  # [..., in]
+    flat = x.reshape(-1, x.shape[-1])  # [rows, in]
+    module._rows = (x.shape[:-1], flat.shape[0])
+    return (torch.nn.functional.pad(flat, (0, 0, 0, _bucket(flat.shape[0]) - flat.shape[0])).to(torch.bfloat16),)
+
+
+def _float32_rows(module, args, out):
+    shape, rows = module._rows
+    return out[:rows].float().reshape(*shape, out.shape[-1])
+
+
+def bf16_linears(model):
+    """The 'mixed' precision: every linear layer but the lm_head multiplies in bf16 on bf16 weights (the CPU's
+    AVX512-BF16/AMX units, a GPU's tensor cores), reading and returning float32. Each product's rows are padded to a
+    few sizes: the CPU's bf16 kernels are built per matrix shape, and ever-new shapes lose the speed-up."""
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(torch.bfloat16)
+            module.register_forward_pre_hook(_bf16_rows)
+            module.register_forward_hook(_float32_rows)
+    return model
 
 
 def _pretrained(name, torch_dtype, device):

@@ -53,7 +53,7 @@ def primer_of(tokenizer, prompts):
 
 def run(tmp_path, *args, data=None, text=True):
     """evaluate.main on the fixture CSV with small settings; returns nothing (reads happen in the tests)."""
-    argv = ["--model", "tiny-llama", "--data", data or write_fixture_csv(tmp_path / "tqa.csv", n=15),
+    argv = ["--model", "tiny-llama", "--dtype", "float32", "--data", data or write_fixture_csv(tmp_path / "tqa.csv", n=15),
             "--max-new-tokens", "6", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), *args]
     if text and "--text" not in args:
         (tmp_path / "docs.txt").write_text("The cat sat on the mat and looked at the door.\n\nA quick brown fox "
@@ -280,18 +280,72 @@ def test_bad_input_stops_with_a_sentence_and_no_json(tmp_path, fixture_csv):
     geo = heads.geometry(other)
     edit = heads.Edit(geo, heads.heads_to_mask([(0, 0)], geo), offset=torch.zeros(3, 4, 24), meta={"apply": "iti"})
     heads.save_edit(str(tmp_path / "qwen.safetensors"), edit)
+    llama, _, _ = models.load_model("tiny-llama")
+    save_test_edit(tmp_path / "seed1.safetensors", llama, "iti")
+    seed1 = heads.load_edit(str(tmp_path / "seed1.safetensors"), llama)
+    seed1.meta.update(seed=1)
+    heads.save_edit(str(tmp_path / "seed1.safetensors"), seed1)
+    seed1.meta.update(seed=0, run={"data": {"data": "other.csv", "version": "other", "sha256": "0" * 64}})
+    heads.save_edit(str(tmp_path / "otherdata.safetensors"), seed1)
     (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "a-file").write_text("not a folder")
     cases = [(["--edit", str(tmp_path / "qwen.safetensors")], "fitted on", None),
              (["--split", "val"], "is empty", fixture_csv(tmp_path / "two.csv", n=2)),
              (["--truth-judge", str(tmp_path / "no-such-judge")], "cannot load the truth judge.*--judges none", None),
              (["--text", str(tmp_path / "empty.txt")], "holds no text", None),
+             (["--text", str(tmp_path / "notext.jsonl")], "line 2 .*has no \"text\" string", None),
              (["--edit", "none", str(tmp_path / "qwen.safetensors")], "must be a folder", None),
-             (["--judge-only"], "first run without --judge-only", None)]
+             (["--judge-only"], "first run without --judge-only", None),
+             # an edit fitted on other questions than the split assumes: train/test leakage
+             (["--edit", str(tmp_path / "seed1.safetensors")], "fitted with --seed 1, this run scores --seed 0", None),
+             (["--edit", str(tmp_path / "otherdata.safetensors")], "fitted on --data other.csv", None),
+             (["--edit", str(tmp_path / "qwen.safetensors").replace("qwen", "seed1"), "--seed", "1", "--split",
+               "train"], "holds the train questions", None),
+             (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "gpu0"], "--device", None),
+             ([], "not a UTF-8 CSV", str(tmp_path / "binary.csv"))]
     for i, (extra, message, data) in enumerate(cases):
         skip = [] if "--text" in extra else ["--skip", "text"]
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, *extra, *skip, "--out", str(tmp_path / f"out{i}.json"), data=data)
-        assert not (tmp_path / f"out{i}.json").exists()
+        assert not (tmp_path / f"out{i}.json").exists() and not (tmp_path / f"out{i}.jsonl").exists()
+    with pytest.raises(SystemExit, match="a-file is a file, not a folder"):  # before the model loads
+        evaluate.main(["--model", "no-such-model-is-loaded", "--out", str(tmp_path / "a-file" / "r.json")])
+
+
+def test_non_finite_metrics_are_null_with_a_reason(tmp_path, monkeypatch):
+    """A NaN score (an edit that overflows the model) is never written as a number: null, and the reason."""
+    fast = evaluate.answer_logprobs
+
+    def nan_for_one(model, prompt_ids, answer_ids, targets, *args):
+        scores = fast(model, prompt_ids, answer_ids, targets, *args)
+        return [[float("nan")] + s[1:] for s in scores] if "fact 1?" in tokenizer.decode(prompt_ids) else scores
+    tokenizer = models.load_model("tiny-llama")[1]
+    monkeypatch.setattr(evaluate, "answer_logprobs", nan_for_one)
+    monkeypatch.setattr(evaluate, "ce_kl", lambda *a: [{"ce": float("inf"), "kl": float("nan")}])
+    run(tmp_path, "--judges", "none", "--out", str(tmp_path / "r.json"), "--skip", "generation",
+        data=write_fixture_csv(tmp_path / "t.csv", n=10))  # test split: questions 1 and 6
+    def strict(constant):
+        raise AssertionError(f"{constant} written as a number")
+    for line in [(tmp_path / "r.json").read_text()] + (tmp_path / "r.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)
+    m, r = json.loads((tmp_path / "r.json").read_text())["metrics"], rows(tmp_path / "r.jsonl")
+    assert [x["mc2"] is None for x in r] == [True, False] and r[0]["scores_true"][0] is None
+    assert m["mc2"] is None and m["null_reasons"]["mc2"] == "1 of 2 questions have no finite value (NaN/inf scores)"
+    assert m["ce"] is None and m["kl"] is None and "NaN or inf" in m["null_reasons"]["kl"]
+
+
+def test_two_runs_on_one_out_are_refused(tmp_path):
+    """A second evaluate.py on the same --out while the first runs (its lock names a live process) is refused; a
+    stale lock of a dead process is taken over."""
+    (tmp_path / "r.json.lock").write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(SystemExit, match="being written by another evaluate.py run"):
+        run(tmp_path, "--judges", "none", "--skip", "text,generation", "--out", str(tmp_path / "r.json"))
+    assert not (tmp_path / "r.jsonl").exists()
+    (tmp_path / "r.json.lock").write_text("999999999")  # no such process
+    run(tmp_path, "--judges", "none", "--skip", "text,generation", "--out", str(tmp_path / "r.json"))
+    assert (tmp_path / "r.json").exists() and not (tmp_path / "r.json.lock").exists()
 
 
 def test_generation_that_stops_early_keeps_what_cut_answer_keeps():

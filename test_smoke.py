@@ -314,6 +314,28 @@ def test_real_truthfulqa_csv():
     assert 6000 < len(tqa.preference_pairs([rows[i] for i in s["train"]])) < 7500  # the paper: about 6,560
 
 
+def test_mixed_precision_multiplies_in_bf16_and_keeps_the_rest_float32(tiny):
+    """--dtype mixed: the linear layers but the lm_head hold bf16 weights; activations, logits, and what an edit
+    sees stay float32; the logits move by bf16 rounding only. Rows are padded to a few sizes (at most 25% more)."""
+    model, tok, _ = tiny["tiny-llama"]
+    mixed, _, about = models.load_model("tiny-llama", "mixed")
+    assert "bf16" in about["precision"] and mixed.get_output_embeddings().weight.dtype == torch.float32
+    assert heads.out_projections(mixed)[1].weight.dtype == torch.bfloat16
+    enc = encode(tok, ["Q: What is fact 9? A: It is 9.", "Q: Hi"])
+    with torch.no_grad():
+        want, got = model(**enc).logits, mixed(**enc).logits
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    edit = random_edit(heads.geometry(model), [(1, 1)])
+    seen, terms = [], edit.terms
+    edit.terms = lambda layer, o: seen.append(o.dtype) or terms(layer, o)
+    with torch.no_grad(), heads.edited(mixed, edit):  # the edit runs before the cast: it sees (and adds in) float32
+        mixed(**enc)
+    assert seen == [torch.float32]
+    sizes = {models._bucket(r) for r in range(1, 2049)}
+    assert all(r <= models._bucket(r) <= max(32, 1.25 * r) for r in range(1, 2049)) and len(sizes) < 32 + 30
+
+
 # ---- models.py: the real default model, offline
 
 @pytest.fixture(scope="module")
