@@ -133,7 +133,10 @@ def verdict(p, n, noise, spread, level, n_questions=None):
     if noise is None:
         needs.append("the per-question rows (NAME.jsonl beside each result) to know the noise floor")
     elif spread is not None and spread <= noise:
-        more = f" (about {math.ceil(n_questions * (noise / spread) ** 2)})" if n_questions and spread > 0 else ""
+        # the noise floor shrinks as 1/sqrt(questions); TruthfulQA has 817 questions in all
+        more = math.ceil(n_questions * (noise / spread) ** 2) if n_questions and spread > 0 else None
+        more = "" if more is None else f" (about {more})" if more <= 817 else " (more than TruthfulQA's 817: the " \
+            "random sets hardly differ)"
         needs.append(f"more questions{more}: the random sets' spread {spread:.3g} is within the noise floor "
                      f"{noise:.3g}")
     return ("inconclusive" if needs else "does not stand out"), needs
@@ -430,7 +433,8 @@ def answer_shares(point):
 
 def convergence(point, threshold):
     """For an IPO edit, from NAME.log.json beside its edit file: {'converged', 'change' (last relative change of the
-    validation loss), 'val_margin', 'target' (1/(2 tau))}; None without a log."""
+    validation loss), 'moved' (its relative fall from the first entry), 'val_margin', 'target' (1/(2 tau))}; None
+    without a log. Converged: the loss fell (moved >= threshold) and levelled off (change < threshold)."""
     stem = (point.get("edit_file") or "").removesuffix(".safetensors")
     here = os.path.join(os.path.dirname(os.path.dirname(point["path"])), "edits", os.path.basename(stem) + ".log.json")
     path = next((p for p in (stem + ".log.json", here) if stem and os.path.isfile(p)), None)
@@ -445,10 +449,11 @@ def convergence(point, threshold):
            if curve else None, "val_loss": [e["val_loss"] for e in curve],
            "val_margins": [e.get("val_margin") for e in curve]}
     if len(curve) < 2:
-        return dict(out, converged=None, change=None)
-    last, before = curve[-1]["val_loss"], curve[-2]["val_loss"]
+        return dict(out, converged=None, change=None, moved=None)
+    first, before, last = curve[0]["val_loss"], curve[-2]["val_loss"], curve[-1]["val_loss"]
     change = abs(last - before) / max(abs(before), 1e-12)
-    return dict(out, converged=bool(change < threshold), change=change)
+    moved = (first - last) / max(abs(first), 1e-12)  # a loss that never fell has not converged: it has not trained
+    return dict(out, converged=bool(change < threshold and moved >= threshold), change=change, moved=moved)
 
 
 # ---- The report
@@ -626,10 +631,11 @@ def edit_section(sweep, metric, opts, threshold):
     lines = ["", "## Per edit", "", "Non-answer: an answer with no word left once the question's words and a short "
              "list of function words and hedges (report.HEDGES) are removed: 'I have no comment.' and 'The answer is "
              "no.' are non-answers. Repeated: the share of the most common answer. Converged (IPO): the validation "
-             f"loss changed by less than {threshold:.0%} over the last logged interval; margin: the final validation "
-             "margin against the IPO target 1/(2 tau).", "",
-             f"| edit | {metric} [CI] | mc2 [CI] | non-answers | repeated | converged | margin / target |",
-             "|---|---|---|---|---|---|---|"]
+             f"loss fell by at least {threshold:.0%} from its first entry and changed by less than {threshold:.0%} "
+             "over the last logged interval; margin: the final validation margin against the IPO target "
+             "1/(2 tau).", "",
+             "| edit | " + " | ".join(f"{m} [CI]" for m in dict.fromkeys([metric, "mc2"])) +
+             " | non-answers | repeated | converged | margin / target |", "|---" * (6 + (metric != "mc2")) + "|"]
     natural = lambda key: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", " ".join(key))]  # noqa: E731
     points = [("unedited", b) for b in sweep["baselines"]] + [
         (f"{m} {s}" + ("" if p["grid"] is None else f" {knob(m)} {p['grid']:g}"), p)
@@ -642,10 +648,10 @@ def edit_section(sweep, metric, opts, threshold):
         rows_.append({"edit": label, "path": p["path"], **{m: runfiles.finite_or_none(p.get(m)) for m in ci},
                       "intervals": ci, "answers": shares, "convergence": conv})
         said = "" if conv is None else {True: "yes", False: "**no**", None: "no curve"}[conv["converged"]] + (
-            f" ({conv['change']:.1%})" if conv["change"] is not None else "")
+            f" (last {conv['change']:.1%}, fell {conv['moved']:.0%})" if conv["change"] is not None else "")
         margin = f"{conv['val_margin']:.3g} / {conv['target']:.3g}" if conv and conv["val_margin"] is not None \
             and conv["target"] else ""
-        lines.append(f"| {label} | {with_ci(p.get(metric), ci[metric])} | {with_ci(p.get('mc2'), ci['mc2'])} | " +
+        lines.append(f"| {label} | " + " | ".join(with_ci(p.get(m), ci[m]) for m in ci) + " | " +
                      (f"{pct(shares['non_answers'])} | {pct(shares['repeated'])}" if shares else "n/a | n/a") +
                      f" | {said} | {margin} |")
     unconverged = [r["edit"] for r in rows_ if (r["convergence"] or {}).get("converged") is False]

@@ -311,7 +311,7 @@ def test_per_edit_shares_and_ipo_convergence(tmp_path):
     assert edits["ipo-random_4_0-0.3.json"]["convergence"]["converged"] is False
     assert edits["ipo-random_4_1-0.3.json"]["convergence"] is None
     assert "**Unconverged IPO results** (1): ipo random:4:0 tau 0.3" in text
-    assert "| ipo top:4 tau 0.3 | " in text and "| 100% | 100% | yes (1.0%) | 0.62 / 1.67 |" in text
+    assert "| ipo top:4 tau 0.3 | " in text and "| 100% | 100% | yes (last 1.0%, fell 65%) | 0.62 / 1.67 |" in text
 
 
 def test_claimed_list_and_shards(planted, tmp_path):
