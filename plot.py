@@ -162,7 +162,7 @@ def convergence_panel(sweep, claimed, field, threshold):
         n_conv = sum(bool(c["converged"]) for _, c in logs)
         ax.set(xlabel="log entry (epoch, or every N steps)", ylabel="validation " + (
             "margin h (dashed: target 1/(2 tau))" if field == "val_margins" else "IPO loss"),
-               title=f"{n_conv} of {len(logs)} IPO edits converged (last change < {threshold:.0%})")
+               title=f"{n_conv} of {len(logs)} IPO edits converged (fell, then changed < {threshold:.0%})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return draw
@@ -178,13 +178,13 @@ def calibration_panel(sweep, method, claimed, metric, level):
 
     def draw(ax):
         from matplotlib.ticker import MaxNLocator
-        ax.hist(c["p"], bins=np.linspace(0, 1, 21), color=RANDOM_COLOR, edgecolor="white",
-                label=f"{c['n']} random sets, each on trial")
+        counts, _, _ = ax.hist(c["p"], bins=np.linspace(0, 1, 21), color=RANDOM_COLOR, edgecolor="white",
+                               label=f"{c['n']} random sets, each on trial")
         ax.axhline(c["n"] / 20, color="k", ls=":", lw=1, label="expected under H0 (uniform)")
         ax.axvline(level, color=CLAIMED_COLOR, lw=1.5, label=f"level {level}: share p <= level {c['share']:.3g} "
                    f"[{c['interval'][0]:.2g}, {c['interval'][1]:.2g}]")
         ax.set(xlabel="rank p-value of a random set against the others", ylabel="number of random sets",
-               title=f"{report.NAMES.get(method, method)}, {metric}")
+               title=f"{report.NAMES.get(method, method)}, {metric}", ylim=(0, 1.7 * max(counts)))  # legend room
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="upper right")
     return draw
