@@ -64,7 +64,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     g = p.add_argument_group("per edit")
     g.add_argument("--converged", type=float, default=0.05, help="an IPO edit has converged when its validation loss "
-                   "changed by less than this fraction over the last logged interval")
+                   "fell by at least this fraction from its first logged value and then changed by less than it over "
+                   "the last logged interval")
     return p.parse_args(argv)
 
 
@@ -162,14 +163,13 @@ def calibration(pool, level):
 
 # ---- Result files
 
-def read_json(path):
-    """A result JSON, or a sentence naming the file when it cannot be read."""
+def read_json(path, fix="delete it (or move it out of results/) and rerun evaluate.py for that edit"):
+    """A JSON file, or a sentence naming the file (and `fix`) when it cannot be read."""
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path} is not valid JSON ({e}): delete it (or move it out of results/) and rerun "
-                         "evaluate.py for that edit") from None
+        raise SystemExit(f"{path} is not valid JSON ({e}): {fix}") from None
 
 
 def method_label(edit):
@@ -440,7 +440,7 @@ def convergence(point, threshold):
     path = next((p for p in (stem + ".log.json", here) if stem and os.path.isfile(p)), None)
     if path is None:
         return None
-    log = read_json(path)
+    log = read_json(path, "delete it and train that IPO edit again (ipo_edit.py), or move it away")
     lists = [v for v in log.values() if isinstance(v, list)] if isinstance(log, dict) else []
     curve = max(([e for e in v if isinstance(e, dict) and e.get("val_loss") is not None] for v in lists),
                 key=len, default=[])

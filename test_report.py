@@ -347,3 +347,14 @@ def test_a_non_finite_row_is_refused_naming_the_rows_file(tmp_path):
         f.write('{"question": "What is fact 0?", "mc')
     with pytest.raises(SystemExit, match=r"iti-random_4_1-15.jsonl holds a line that is not a per-question row"):
         run_report(run)
+
+
+def test_the_report_says_when_the_two_metrics_disagree():
+    base = {"rank_test": {"rank": 1, "of": 20, "p": 0.05}, "needs": [], "n": 19}
+    trials = {"IPO": {"info_truth": dict(base, verdict="stands out"),
+                      "mc2": dict(base, verdict="inconclusive", rank_test={"rank": 3, "of": 20, "p": 0.15},
+                                  needs=["more questions (about 400): ..."])}}
+    lines = report.verdict_lines(trials, 16)
+    assert "under info_truth: **stands out** (rank 1 of 20, p = 0.05); under mc2: **inconclusive**" in lines[0]
+    assert "conclusive with more questions (about 400)" in lines[0] and "The two metrics disagree" in lines[1]
+    assert lines[-1].startswith("Under the optimal edit the claimed heads stand out")
