@@ -341,8 +341,8 @@ def set_score(sweep, method, spec, metric, grid, base):
             continue
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SystemExit(f"{p['path']}: {metric} is {value}, and a trial needs a finite score from every result: "
-                             "rerun evaluate.py for that edit" + (" with the judges" if value is None else "") +
-                             ", or leave it out of --runs")
+                             "rerun evaluate.py for that edit" + (" with the judges (or pass --metric mc2)" if
+                                                                  value is None else "") + ", or leave it out of --runs")
         value = base[metric] - value if method in DROP else value
         if best is None or value > best:
             best, at = value, p

@@ -269,19 +269,28 @@ def test_results_evaluated_differently_are_never_pooled(tmp_path):
         run_report(run)
 
 
+def refused(run, path, text, match):
+    """Write `text` over `path`, and check that the report refuses it with a sentence matching `match`."""
+    with open(path, "w") as f:
+        f.write(text)
+    with pytest.raises(SystemExit, match=match):
+        run_report(run)
+
+
 def test_a_non_finite_score_or_a_malformed_file_is_refused_naming_it(tmp_path):
     run = write_sweep(str(tmp_path), randoms=[0.5] * 3, methods=("iti",))
     path = f"{run}/results/iti-top_4-15.json"
     result = json.load(open(path))
-    result["metrics"]["info_truth"] = float("nan")
-    with open(path, "w") as f:
-        json.dump(result, f)  # a bare NaN, as an old evaluate.py wrote it
-    with pytest.raises(SystemExit, match=r"iti-top_4-15.json: info_truth is nan, and a trial needs a finite score"):
-        run_report(run)
-    with open(path, "w") as f:
-        f.write('{"metrics": {"mc2": 0.4')
-    with pytest.raises(SystemExit, match=r"iti-top_4-15.json is not valid JSON .* delete it"):
-        run_report(run)
+    result["metrics"]["info_truth"] = float("nan")  # written as a bare NaN, as an old evaluate.py did
+    refused(run, path, json.dumps(result), r"iti-top_4-15.json: info_truth is nan, and a trial needs a finite score")
+    refused(run, path, '{"metrics": {"mc2": 0.4', r"iti-top_4-15.json is not valid JSON .* delete it")
+    path = f"{run}/results/iti-random_4_1-15.jsonl"
+    rows = [json.loads(line) for line in open(path)]
+    rows[3]["mc2"] = float("nan")
+    refused(run, path, "".join(json.dumps(r) + "\n" for r in rows),
+            r"iti-random_4_1-15.jsonl holds a non-finite mc2: rerun evaluate.py")
+    refused(run, path, '{"question": "What is fact 0?", "mc',
+            r"iti-random_4_1-15.jsonl holds a line that is not a per-question row")
 
 
 def test_non_answers_and_repeated_answers():
@@ -332,21 +341,6 @@ def test_claimed_list_and_shards(planted, tmp_path):
     assert without_paths(sharded["trials"]) == without_paths(numbers["trials"])
     with pytest.raises(SystemExit, match="no result was made at those heads"):
         run_report(run, "--claimed", "0.0,0.1", out=str(tmp_path / "f"))
-
-
-def test_a_non_finite_row_is_refused_naming_the_rows_file(tmp_path):
-    run = write_sweep(str(tmp_path), randoms=[0.5] * 3, methods=("iti",))
-    path = f"{run}/results/iti-random_4_1-15.jsonl"
-    rows = [json.loads(line) for line in open(path)]
-    rows[3]["mc2"] = float("nan")
-    with open(path, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit, match=r"iti-random_4_1-15.jsonl holds a non-finite mc2: rerun evaluate.py"):
-        run_report(run)
-    with open(path, "w") as f:
-        f.write('{"question": "What is fact 0?", "mc')
-    with pytest.raises(SystemExit, match=r"iti-random_4_1-15.jsonl holds a line that is not a per-question row"):
-        run_report(run)
 
 
 def test_the_report_says_when_the_two_metrics_disagree():
