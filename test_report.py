@@ -280,10 +280,12 @@ def refused(run, path, text, match):
 def test_a_non_finite_score_or_a_malformed_file_is_refused_naming_it(tmp_path):
     run = write_sweep(str(tmp_path), randoms=[0.5] * 3, methods=("iti",))
     path = f"{run}/results/iti-top_4-15.json"
-    result = json.load(open(path))
+    good = open(path).read()
+    result = json.loads(good)
     result["metrics"]["info_truth"] = float("nan")  # written as a bare NaN, as an old evaluate.py did
     refused(run, path, json.dumps(result), r"iti-top_4-15.json: info_truth is nan, and a trial needs a finite score")
     refused(run, path, '{"metrics": {"mc2": 0.4', r"iti-top_4-15.json is not valid JSON .* delete it")
+    runfiles.write_text(path, good)
     path = f"{run}/results/iti-random_4_1-15.jsonl"
     rows = [json.loads(line) for line in open(path)]
     rows[3]["mc2"] = float("nan")
