@@ -296,7 +296,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, targets=None, batch=None
                 active, keep = active[keep], keep.to(model.device)
                 token, mask, positions = token[keep], mask[keep], positions[keep]
                 out.cache.batch_select_indices(keep)
-                placement is not None and placement.keep(keep)
+                if placement is not None:
+                    placement.keep(keep)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             positions = positions[:, -1:] + 1
             out = model(token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True)
@@ -308,9 +309,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, targets=None, batch=None
 @torch.no_grad()
 def ce_kl(model, tokenizer, docs, targets, batch, max_tokens, batch_size):
     """Per target: mean next-token CE of the edited model and mean KL(original || edited) over the same tokens. The
-    unedited log-probs are computed once per batch of documents; the edited rows of several targets share a forward."""
-    sums = np.zeros((len(targets), 2))
-    n_tokens, per_forward = 0, 2  # targets per edited forward: its logits are [2 x documents, tokens, vocab]
+    unedited log-probs are computed once per batch of documents (the baseline's own); edited rows of two targets
+    share a forward. Where the edit applies: heads.edit_start's 'text' stage."""
+    sums, n_tokens = np.zeros((len(targets), 2)), 0
+    edited = [j for j, t in enumerate(targets) if t.edit is not None]
     tokenizer.padding_side = "right"
     for i in tqdm(range(0, len(docs), batch_size), desc="CE/KL"):
         enc = tokenizer(docs[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
@@ -319,16 +321,18 @@ def ce_kl(model, tokenizer, docs, targets, batch, max_tokens, batch_size):
         counted = (mask[:, 1:] * mask[:, :-1]).float()  # positions that predict a real next token
         reference = model(**enc).logits[:, :-1].float().log_softmax(-1)  # [docs, seq-1, vocab]
         n_tokens += counted.sum().item()
-        for g in range(0, len(targets), per_forward):
-            group, d = targets[g:g + per_forward], len(ids)
-            tags = [t.tag for t in group for _ in range(d)]
-            starts = heads.row_starts([t.apply for t in group for _ in range(d)], "text", torch.zeros(len(tags)))
-            with edit_context(model, batch, tags, starts):
-                logits = model(input_ids=ids.repeat(len(group), 1), attention_mask=mask.repeat(len(group), 1)).logits
-            logprobs = logits[:, :-1].float().log_softmax(-1).view(len(group), d, *reference.shape[1:])
-            ce = -(logprobs.gather(3, ids[None, :, 1:, None].expand(len(group), -1, -1, 1))[..., 0] * counted)
-            kl = (reference.exp() * (reference - logprobs)).sum(-1) * counted  # [group, docs, seq-1]
-            sums[g:g + len(group)] += torch.stack([ce.sum((1, 2)), kl.sum((1, 2))], 1).double().cpu().numpy()
+        for g in [[j] for j in range(len(targets)) if j not in edited] + [edited[k:k + 2] for k in
+                                                                           range(0, len(edited), 2)]:
+            group, d = [targets[j] for j in g], len(ids)
+            logprobs = reference[None]
+            if group[0].edit is not None:  # [targets, docs, seq-1, vocab]
+                tags, applies = [t.tag for t in group for _ in range(d)], [t.apply for t in group for _ in range(d)]
+                with edit_context(model, batch, tags, heads.row_starts(applies, "text", torch.zeros(len(tags)))):
+                    logits = model(input_ids=ids.repeat(len(g), 1), attention_mask=mask.repeat(len(g), 1)).logits
+                logprobs = logits[:, :-1].float().log_softmax(-1).view(len(g), *reference.shape)
+            ce = -(logprobs.gather(3, ids[None, :, 1:, None].expand(len(g), -1, -1, 1))[..., 0] * counted)
+            kl = (reference.exp() * (reference - logprobs)).sum(-1) * counted  # [targets, docs, seq-1]
+            sums[g] += torch.stack([ce.sum((1, 2)), kl.sum((1, 2))], 1).double().cpu().numpy()
     return [{"ce": ce / n_tokens, "kl": kl / n_tokens} for ce, kl in sums]
 
 
@@ -425,9 +429,9 @@ def judge_rows(targets, judges):
         for i in tqdm(range(0, len(pending), 64), desc=f"{kind} judge"):
             part = pending[i:i + 64]
             probs = scorer.score([r["question"] for _, r in part], [r["answer"] for _, r in part])
-            for (_, row), p in zip(part, probs):
-                row.update({f"{kind}_p": runfiles.finite_or_none(p), f"{kind}_spec": which, f"{kind}_judge": abouts[kind],
-                            kind: None if runfiles.finite_or_none(p) is None else float(p >= judge.THRESHOLD)})
+            for (_, row), p in zip(part, map(runfiles.finite_or_none, probs)):
+                row.update({f"{kind}_p": p, kind: None if p is None else float(p >= judge.THRESHOLD),
+                            f"{kind}_spec": which, f"{kind}_judge": abouts[kind]})
             for t in {id(t): t for t, _ in part}.values():
                 runfiles.write_text(t.jsonl, "".join(json.dumps(r, allow_nan=False) + "\n" for r in t.rows.values()))
     return abouts

@@ -78,7 +78,7 @@ def heads_at(o, positions):
     return o[rows, positions.to(o.device)]
 
 
-class _Stop(Exception):
+class _Stop(Exception):  # ends record_heads' forward after the last layer it needs
     pass
 
 
@@ -197,8 +197,7 @@ NO_EDIT = -1  # the tag of an unedited row in an edit batch
 
 
 class _Placement:
-    """Where the edit reaches in an `edited` block: the rows' edit tags and first positions; `keep` follows a batch
-    whose finished rows leave it (generation)."""
+    """An `edited` block's rows: their edit tags and first positions; keep() follows rows leaving the batch."""
 
     def __init__(self, start, rows):
         self.start, self.rows = start, rows

@@ -53,7 +53,8 @@ def primer_of(tokenizer, prompts):
 
 def run(tmp_path, *args, data=None, text=True):
     """evaluate.main on the fixture CSV with small settings; returns nothing (reads happen in the tests)."""
-    argv = ["--model", "tiny-llama", "--dtype", "float32", "--data", data or write_fixture_csv(tmp_path / "tqa.csv", n=15),
+    data = data or write_fixture_csv(tmp_path / "tqa.csv", n=15)
+    argv = ["--model", "tiny-llama", "--dtype", "float32", "--data", data,
             "--max-new-tokens", "6", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), *args]
     if text and "--text" not in args:
         (tmp_path / "docs.txt").write_text("The cat sat on the mat and looked at the door.\n\nA quick brown fox "
@@ -172,7 +173,8 @@ def test_edit_batch_equals_one_edit_at_a_time_across_architectures(tiny, name, t
     prompt_ids, answer_ids, _, _ = evaluate.encode_question(tokenizer, q, "none")
     together = evaluate.answer_logprobs(model, prompt_ids, answer_ids, targets, batch)
     prompts = [tqa.qa_prompt(q["question"], "none"), tqa.qa_prompt("Why?", "none")]
-    texts = evaluate.generate(model, tokenizer, prompts * 4, 6, [t for t in targets for _ in prompts], batch, stop=False)
+    rows = [t for t in targets for _ in prompts]
+    texts = evaluate.generate(model, tokenizer, prompts * 4, 6, rows, batch, stop=False)
     for i, t in enumerate(targets):
         one = [evaluate.Target(edit=t.edit, apply=t.apply)]
         alone = evaluate.answer_logprobs(model, prompt_ids, answer_ids, one, evaluate.edit_batch(one))[0]
@@ -180,6 +182,29 @@ def test_edit_batch_equals_one_edit_at_a_time_across_architectures(tiny, name, t
         assert texts[2 * i:2 * i + 2] == evaluate.generate(model, tokenizer, prompts, 6, one * 2,
                                                            evaluate.edit_batch(one), stop=False)
     assert len({tuple(s) for s in together}) == 4  # every edit moves the scores
+
+
+def test_ce_kl_of_several_edits_at_once_equal_a_plain_computation(llama, tmp_path):
+    """CE and KL(original || edited) of three targets in shared forwards, against one document at a time, each edit
+    alone at every token (heads.edit_start's 'text' stage), by the textbook formulas."""
+    model, tokenizer, _ = llama
+    docs = ["The cat sat on the mat and looked at the door.", "A quick brown fox jumps. Nothing happens.", "Yes. No."]
+    edits = [save_test_edit(tmp_path / f"{k}.safetensors", model, k, scale=s) for k, s in (("iti", 2.0), ("ipo", 0.3))]
+    targets = [target()] + [target(e) for e in edits]
+    got = evaluate.ce_kl(model, tokenizer, docs, targets, evaluate.edit_batch(targets), 12, 2)
+    for t, result in zip(targets, got):
+        ce, kl, n = 0.0, 0.0, 0
+        for doc in docs:
+            ids = tokenizer(doc, return_tensors="pt", truncation=True, max_length=12)["input_ids"]
+            with torch.no_grad():
+                p0 = model(ids).logits[0, :-1].log_softmax(-1)  # [seq-1, vocab]
+                with heads.edited(model, t.edit) if t.edit is not None else torch.no_grad():
+                    p = model(ids).logits[0, :-1].log_softmax(-1)
+            ce -= p.gather(1, ids[0, 1:, None]).sum().item()
+            kl += (p0.exp() * (p0 - p)).sum().item()
+            n += ids.shape[1] - 1
+        assert result["ce"] == pytest.approx(ce / n, abs=1e-5) and result["kl"] == pytest.approx(kl / n, abs=1e-5)
+    assert got[0]["kl"] == 0.0 and got[1]["kl"] > 1e-3 and got[2]["kl"] > 1e-3
 
 
 def test_cut_answer():
