@@ -30,13 +30,13 @@ def strict(path):
 
 # ---- Fake result files: evaluate.py's NAME.json and NAME.jsonl, with a planted per-question truth
 
-def write_result(run, name, edit, rows, seed=0, data="v0"):
+def write_result(run, name, edit, rows, seed=0, data="v0", model="fake-7b"):
     """NAME.json (metrics computed from the rows as evaluate.py does) and NAME.jsonl beside it."""
     mean = lambda k: float(np.mean([r[k] for r in rows])) if all(k in r for r in rows) else None  # noqa: E731
     metrics = {k: mean(k) for k in report.ROW_METRICS}
     metrics["info_truth"] = None if metrics["truth"] is None else metrics["truth"] * metrics["info"]
     metrics.update(ce=3.0, kl=0.1, n_questions=len(rows))
-    settings = {"model": {"model": "fake-7b"}, "data": "data/TruthfulQA.csv", "split": "test", "seed": seed,
+    settings = {"model": {"model": model}, "data": "data/TruthfulQA.csv", "split": "test", "seed": seed,
                 "questions": len(rows), "rows_key": name}
     runfiles.write_json(f"{run}/results/{name}.json", {
         "metrics": metrics, "edit": edit, "edit_file": None if edit is None else f"{run}/edits/{name}.safetensors",
@@ -261,6 +261,10 @@ def test_results_evaluated_differently_are_never_pooled(tmp_path):
                  "5.2", "5.3"], "alpha": 15}, planted_rows(0.5, 60, np.random.default_rng(0)), data="other")
     with pytest.raises(SystemExit, match=r"evaluated differently \(data\)"):
         run_report(run)
+    write_result(run, "iti-random_4_9-15", {"method": "iti", "head_spec": "random:4:9", "heads": ["5.0", "5.1",
+                 "5.2", "5.3"], "alpha": 15}, planted_rows(0.5, 60, np.random.default_rng(0)), model="other-7b")
+    with pytest.raises(SystemExit, match=r"evaluated differently \(model\)"):
+        run_report(run)
     rows = planted_rows(0.5, 60, np.random.default_rng(0))
     rows[0]["question"] = "Another question?"
     write_result(run, "iti-random_4_9-15", {"method": "iti", "head_spec": "random:4:9", "heads": ["5.0", "5.1",
@@ -354,3 +358,15 @@ def test_the_report_says_when_the_two_metrics_disagree():
     assert "under info_truth: **stands out** (rank 1 of 20, p = 0.05); under mc2: **inconclusive**" in lines[0]
     assert "conclusive with more questions (about 400)" in lines[0] and "The two metrics disagree" in lines[1]
     assert lines[-1].startswith("Under the optimal edit the claimed heads stand out")
+
+
+def test_results_without_rows_have_no_intervals_and_cannot_say_not_special(tmp_path):
+    run = write_sweep(str(tmp_path), claimed=0.5, randoms=np.linspace(0, 1.5, 19), methods=("iti",))
+    for name in os.listdir(f"{run}/results"):
+        if name.endswith(".jsonl"):
+            os.remove(f"{run}/results/{name}")
+    numbers, text = run_report(run)
+    t = numbers["trials"]["ITI"]["info_truth"]
+    assert t["claimed_ci"] is None and t["noise_floor"] is None and t["verdict"] == "inconclusive"
+    assert t["needs"] == ["the per-question rows (NAME.jsonl beside each result) to know the noise floor"]
+    assert all(e["answers"] is None for e in numbers["edits"])
