@@ -63,7 +63,7 @@ parser.add_argument("--to", required=True, choices=["peft", "hf", "steer", "lm-e
                     help="peft: LoRA adapter (rank-1 edits); hf: merged checkpoint; steer: lm-eval steering file "
                          "(offset edits); lm-eval-task: the questions as a local lm-eval task. Every edit export "
                          "applies the edit at every token (evaluate.py --apply all), also an ITI edit")
-parser.add_argument("--out", required=True, help="output folder (new, or an earlier export's: it is overwritten)")
+parser.add_argument("--out", required=True, help="output folder: new, or an earlier export of the same format (overwritten)")
 models.add_model_args(parser)
 questions_args = parser.add_argument_group("--to lm-eval-task: which questions (as evaluate.py chooses them)")
 tqa.add_data_args(questions_args)

@@ -252,6 +252,30 @@ def test_cli_refuses_a_folder_holding_other_files(tmp_path):
         export.main(["x.safetensors", "--to", "peft", "--out", str(tmp_path)])
 
 
+def test_lm_eval_task_holds_the_split_questions_answers_and_prompt(tmp_path, fixture_csv):
+    """Without lm-eval: the task's rows by hand for the fixture's questions (best 'Fact i is true.', correct + 'It is
+    i.', incorrect 'Fact i is false.', 'It is i+1.', 'Nobody knows.'), on the questions evaluate.py would score."""
+    import evaluate
+    import tqa
+    data = fixture_csv(tmp_path / "q.csv", n=20)
+    export.main(["--to", "lm-eval-task", "--out", str(tmp_path / "task"), "--data", data, "--split", "test",
+                 "--max-questions", "3"])
+    rows = [json.loads(line) for line in open(tmp_path / "task" / "tqa_local.jsonl")]
+    chosen = evaluate.select_questions(evaluate.parser.parse_args(["--data", data, "--split", "test",
+                                                                   "--max-questions", "3", "--out", "x"]))
+    assert [r["question"] for r in rows] == [q["question"] for q in chosen] and len(rows) == 3
+    for r in rows:
+        i = int(r["question"].split()[-1].rstrip("?"))
+        wrong = [f"Fact {i} is false.", f"It is {i + 1}.", "Nobody knows."]
+        assert r["mc1_targets"] == {"choices": [f"Fact {i} is true."] + wrong, "labels": [1, 0, 0, 0]}
+        assert r["mc2_targets"] == {"choices": [f"Fact {i} is true.", f"It is {i}."] + wrong, "labels": [1, 1, 0, 0, 0]}
+        assert r["prompt"] == tqa.QA_PRIMER + f"\n\nQ: What is fact {i}?\nA:"
+    mc1 = (tmp_path / "task" / "tqa_local_mc1.yaml").read_text()
+    assert json.dumps(str(tmp_path / "task" / "tqa_local.jsonl")) in mc1
+    record = json.load(open(tmp_path / "task" / "export.json"))
+    assert record["questions"]["questions"] == 3 and record["run"]["data"]["data"] == data
+
+
 # ---- lm-evaluation-harness scores TruthfulQA MC as evaluate.py does
 
 def lm_eval_scores(model_args, task_dir):
