@@ -350,17 +350,19 @@ def set_score(sweep, method, spec, metric, grid, base):
 
 
 def interval(metric, point, minus=None, opts=None):
-    """95% interval of `metric` at `point`, or of the paired difference point - minus on the same questions."""
-    found = rows(point)
-    a = columns(point, metric, sorted(found)) if found else None
-    b = columns(minus, metric, sorted(found)) if minus is not None and a is not None else None
+    """95% interval of `metric` at `point`, or of the paired difference point - minus on the same questions; None
+    without per-question rows. opts: (resamples, seed)."""
+    questions = sorted(rows(point) or [])
+    a = columns(point, metric, questions) if questions else None
+    b = columns(minus, metric, questions) if minus is not None and a else None
     if a is None or (minus is not None and b is None):
         return None
-    cols = {**{"a" + k: v for k, v in a.items()}, **{"b" + k: v for k, v in (b or {}).items()}}
-    side = lambda c, tag: {k[1:]: v for k, v in c.items() if k[0] == tag}  # noqa: E731
-    stat = (lambda c: score(side(c, "a"), metric) - score(side(c, "b"), metric)) if b else \
-        (lambda c: score(side(c, "a"), metric))
-    return list(bootstrap(cols, stat, *(opts or (N_RESAMPLES, 0))))
+    both = {**{("a", k): v for k, v in a.items()}, **{("b", k): v for k, v in (b or {}).items()}}
+
+    def statistic(c):  # the same resampled questions for both sides: a paired difference
+        side = lambda tag: {k: v for (t, k), v in c.items() if t == tag}  # noqa: E731
+        return score(side("a"), metric) - (score(side("b"), metric) if b else 0)
+    return list(bootstrap(both, statistic, *(opts or (N_RESAMPLES, 0))))
 
 
 def trial(sweep, method, claimed, pool, metric, level, opts=None, descriptive=False, grid=None):
