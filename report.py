@@ -340,9 +340,9 @@ def set_score(sweep, method, spec, metric, grid, base):
         if p["grid"] not in grid:
             continue
         if not isinstance(value, (int, float)) or not math.isfinite(value):
+            judges = " with the judges (or pass --metric mc2)" if value is None else ""
             raise SystemExit(f"{p['path']}: {metric} is {value}, and a trial needs a finite score from every result: "
-                             "rerun evaluate.py for that edit" + (" with the judges (or pass --metric mc2)" if
-                                                                  value is None else "") + ", or leave it out of --runs")
+                             f"rerun evaluate.py for that edit{judges}, or leave it out of --runs")
         value = base[metric] - value if method in DROP else value
         if best is None or value > best:
             best, at = value, p
@@ -472,12 +472,16 @@ def with_ci(v, ci):
     return num(v) + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
 
 
+def in_order(method):
+    """Sort key: ITI, IPO, ablation, then other methods by name."""
+    return (list(NAMES).index(method) if method in NAMES else len(NAMES), method)
+
+
 def all_trials(sweep, claimed, metrics, level, opts):
     """{trial name: {metric: trial}}: per method, the claimed set vs random sets of its size, and (descriptive) vs
     single heads."""
     r, out = roles(sweep, claimed), {}
-    order = lambda m: (list(NAMES).index(m) if m in NAMES else len(NAMES), m)  # noqa: E731
-    for method in sorted({m for m, _ in sweep["curves"]}, key=order):
+    for method in sorted({m for m, _ in sweep["curves"]}, key=in_order):
         for part, descriptive in (("random", False), ("single", True)):
             pool = [s for s in r[part] if (method, s) in sweep["curves"]]
             if (method, claimed) not in sweep["curves"] and not pool or descriptive and not pool:
@@ -493,7 +497,8 @@ def headline(sweep, claimed, metric, opts):
     """(table lines, rows): the unedited model and each method's best edit at the claimed heads and at all heads,
     every metric with its interval, and the paired difference from the unedited model."""
     edits = []
-    for (method, spec), points in sorted(sweep["curves"].items()):
+    by_method = lambda c: (in_order(c[0][0]), c[0][1] == "all")  # noqa: E731
+    for (method, spec), points in sorted(sweep["curves"].items(), key=by_method):
         base = baseline(sweep, points[0])
         if spec in (claimed, "all") and (base is not None or method not in DROP):
             _, at = set_score(sweep, method, spec, metric, {p["grid"] for p in points}, base)
