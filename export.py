@@ -63,7 +63,8 @@ parser.add_argument("--to", required=True, choices=["peft", "hf", "steer", "lm-e
                     help="peft: LoRA adapter (rank-1 edits); hf: merged checkpoint; steer: lm-eval steering file "
                          "(offset edits); lm-eval-task: the questions as a local lm-eval task. Every edit export "
                          "applies the edit at every token (evaluate.py --apply all), also an ITI edit")
-parser.add_argument("--out", required=True, help="output folder: new, or an earlier export of the same format (overwritten)")
+parser.add_argument("--out", required=True,
+                    help="output folder: new, or an earlier export of the same format (overwritten)")
 models.add_model_args(parser)
 questions_args = parser.add_argument_group("--to lm-eval-task: which questions (as evaluate.py chooses them)")
 tqa.add_data_args(questions_args)
@@ -310,7 +311,8 @@ def task_rows(questions):
     for q in questions:
         correct = q["correct"] + ([q["best"]] if q["best"] not in q["correct"] else [])
         rows.append({"question": q["question"], "prompt": tqa.qa_prompt(q["question"], "none"),
-                     "mc1_targets": {"choices": [q["best"]] + q["incorrect"], "labels": [1] + [0] * len(q["incorrect"])},
+                     "mc1_targets": {"choices": [q["best"]] + q["incorrect"],
+                                     "labels": [1] + [0] * len(q["incorrect"])},
                      "mc2_targets": {"choices": correct + q["incorrect"],
                                      "labels": [1] * len(correct) + [0] * len(q["incorrect"])}})
     return rows

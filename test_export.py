@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 import export
 import heads
-import models
 
 torch.set_num_threads(1)
 TOL = 1e-4
