@@ -7,18 +7,22 @@ Runs the stage scripts, each step printed as the exact command a user could run 
   3. ipo_edit.py     IPO at the claimed heads, at the first --n-random-ipo of those random sets, at M random single
                      heads (drawn once from the probe's geometry with --seed) and at all heads, over --taus
   4. evaluate.py     the unedited baseline and every edit, on the test questions
-  5. plot.py         the figures and the report (RUN/figures, RUN/report.md)
-A unit of work is one head set: its edits fitted over the grid, then evaluated. Units whose results exist are skipped,
-so a killed sweep resumes; `--shard I/N` runs every N-th unit from the I-th, so N machines share a sweep (run the
+  5. iti.py --ablate mean-ablation of the claimed set and of each random set (the necessity trial), evaluated
+  6. plot.py         the figures (RUN/figures)
+  7. report.py       the localization test and its verdicts, with intervals (RUN/report.md, RUN/report.json)
+A unit of work is one head set: its edits fitted over the grid, then evaluated. Units whose results were made with the
+same commands are skipped (RUN/sweep_done.jsonl), so a killed sweep resumes and a sweep with other settings redoes
+what they change; `--shard I/N` runs every N-th unit from the I-th, so N machines share a sweep (run the
 probe first: every shard reads it), and a final plain run gathers them and draws. Each finished unit's wall time goes
 to RUN/sweep_times.jsonl, from which the time left is estimated.
 
 Defaults: the paper's sizes when a GPU is present (K=16, N=16 random sets, M=24 single heads, tau 0.1...0.5); on a CPU,
 course sizes for SmolLM2-135M. Every size is a flag.
 
-Reads:  --data TruthfulQA.csv, the model.      Writes: RUN/probe, RUN/edits, RUN/results, RUN/figures, RUN/report.md.
+Reads:  --data (default: the shipped data/TruthfulQA.csv), the model.
+Writes: RUN/probe, RUN/edits, RUN/results, RUN/figures, RUN/report.md, RUN/report.json.
 
-    python sweep.py --data TruthfulQA.csv --out runs/smollm2
+    python sweep.py --out runs/smollm2
 """
 import argparse
 import json
@@ -348,9 +352,11 @@ def main(argv=None):
         failed += [run_unit(unit, args, times_path)] if not all(map(done, unit["steps"])) else []
     failed = [f for f in failed if f]
     if all(all(map(done, u["steps"])) for u in units):
-        plot = ["plot.py", "--runs", args.out, "--report", "--claimed", args.claimed or f"top:{args.k}"]
-        if run_command(plot, args.subprocess):
-            failed.append(f"plot: python {shlex.join(plot)}")
+        claimed = args.claimed or f"top:{args.k}"
+        for stage in (["plot.py", "--runs", args.out, "--claimed", claimed],
+                      ["report.py", "--runs", args.out, "--claimed", claimed]):
+            if run_command(stage, args.subprocess):
+                failed.append(f"{stage[0][:-3]}: python {shlex.join(stage)}")
     else:
         print("\nsome units are not done (other shards, or failures): when they are, run again without --shard to draw")
     if tiny:

@@ -112,7 +112,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
                  "fig5_ipo_kl.png", "figures.json"]:
         assert os.path.isfile(f"{run}/figures/{name}"), name
     report = json.load(open(f"{run}/report.json"))
-    assert report["metric"] == "mc2" and report["trials"]["ITI"]["rank_test"]["of"] == 3
+    assert report["metric"] == "mc2" and report["trials"]["ITI"]["mc2"]["rank_test"]["of"] == 3
     assert "plumbing check" in open(f"{run}/report.md").read()
     stamp = os.path.getmtime(units[1]["steps"][-1][1][0])
     sweep.main(argv)  # resume: nothing left, nothing rewritten
