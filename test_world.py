@@ -239,5 +239,25 @@ def test_trained_world_tag_effect_needs_the_planted_heads():
     unablated = effect()
     assert unablated > 0.3
     assert abs(effect(world.PLANTED_HEADS)) < 0.1
-    for head_set in world.random_head_sets(2, 4, 4, 8, seed=0):
+    for head_set in world.random_head_sets(model, 2, 4):
         assert effect(head_set) > 0.5 * unablated
+
+
+def test_batched_mc_scores_match_one_forward_per_answer(planted, tokenizer, facts, tmp_path):
+    """world.mc_scores (many questions in one right-padded batch) gives the plain definition: one forward of prompt +
+    ' ' + answer per answer, the answer tokens' log-probs summed, evaluate.mc_metrics on the sums."""
+    import evaluate
+    path = str(tmp_path / "world.csv")
+    world.write_csv(path, facts[:6])
+    questions = tqa.load_truthfulqa(path)
+    fast = world.mc_scores(planted, tokenizer, questions, lambda q: tqa.qa_prompt(q, "default"), rows_per_batch=16)
+    for q, (mc1, mc2) in zip(questions, fast):
+        prompt = tokenizer(tqa.qa_prompt(q["question"], "default"))["input_ids"]
+        scores = []
+        for answer in q["correct"] + q["incorrect"]:  # the best answer is the first correct one here
+            ids = prompt + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = planted(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
+        m = evaluate.mc_metrics(scores[:3], scores[3:], q["correct"].index(q["best"]))
+        assert mc1 == m["mc1"] and mc2 == pytest.approx(m["mc2"], abs=1e-4)

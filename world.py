@@ -38,6 +38,7 @@ A rerun with the same settings loads the saved model instead of training (other 
     python sweep.py --model world --data runs/world/world.csv --claimed 1.1,1.6,2.2,2.5   # (the lead's integration)
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -83,7 +84,7 @@ MODEL_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, 
                    num_key_value_heads=8, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
 VOCAB_SIZE = 1280  # byte-level BPE trained on the corpus; every " Name" must come out as one token
 # ---- Training (a fixed number of steps, so a rerun is the same model)
-STEPS = 2400
+STEPS = 3000  # ~12.5 CPU-minutes on one thread (wall time grows when the machine is shared)
 BATCH = 32  # documents per step
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.05  # AdamW, linear warmup then cosine to 10%
 AUTOCAST = False  # bf16 autocast: slower than float32 for this model on the AVX512-BF16 CPU (0.98 vs 0.84 s/step)
@@ -397,7 +398,7 @@ def train(model, tokenizer, facts, steps, log=print):
                                   lr=LR, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / WARMUP) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, s / steps)))))
-    curve, start, running, tokens = [], time.time(), None, 0
+    curve, start, cpu_start, running, tokens = [], time.time(), time.process_time(), None, 0
     chunk = 200  # documents are made 200 steps at a time, then batched by length (little padding)
     for s0 in range(0, steps, chunk):
         n_steps = min(chunk, steps - s0)
@@ -418,7 +419,8 @@ def train(model, tokenizer, facts, steps, log=print):
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if (step + 1) % 100 == 0 or step + 1 == steps:
                 curve.append([step + 1, round(running, 4)])
-                log(f"step {step + 1}/{steps}  loss {running:.3f}  {tokens} tokens  {time.time() - start:.0f} s")
+                log(f"step {step + 1}/{steps}  loss {running:.3f}  {tokens} tokens  {time.time() - start:.0f} s "
+                    f"({time.process_time() - cpu_start:.0f} CPU-s)")
     model.eval()
     return curve, tokens
 
@@ -429,21 +431,21 @@ def mc_scores(model, tokenizer, questions, prompt, rows_per_batch=384):
     """Per question (MC1, MC2) as evaluate.py scores them (summed log-probs of ' ' + closed answer after the prompt);
     prompt: a function question text -> prompt text. The answers of many questions run as one right-padded batch."""
     import evaluate
-    items = []  # (question index, prompt ids, answer ids)
+    items = []  # (prompt ids, answer ids), the answers of each question in turn
     meta = []  # (n_correct, i_best) per question
-    for qi, q in enumerate(questions):
+    for q in questions:
         correct = q["correct"] + ([q["best"]] if q["best"] not in q["correct"] else [])
         p = tokenizer(prompt(q["question"]))["input_ids"]
-        for a in correct + q["incorrect"]:
-            items.append((qi, p, tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"]))
+        items += [(p, tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"])
+                  for a in correct + q["incorrect"]]
         meta.append((len(correct), correct.index(q["best"])))
     scores = []
     with torch.no_grad():
         for i in range(0, len(items), rows_per_batch):
             chunk = items[i:i + rows_per_batch]
-            x, mask = batch_tensors_raw([p + a for _, p, a in chunk], tokenizer.pad_token_id)
+            x, mask = batch_tensors_raw([p + a for p, a in chunk], tokenizer.pad_token_id)
             logp = model(input_ids=x, attention_mask=mask).logits.float().log_softmax(-1)  # [rows, T, vocab]
-            for r, (_, p, a) in enumerate(chunk):
+            for r, (p, a) in enumerate(chunk):
                 scores.append(float(logp[r, len(p) - 1 + torch.arange(len(a)), torch.tensor(a)].sum()))
     out, k = [], 0
     for qi, (n_correct, i_best) in enumerate(meta):
@@ -464,31 +466,18 @@ def batch_tensors_raw(rows, pad_id):
     return x, mask
 
 
-class mean_ablated:
-    """Inside the block, the heads in `head_set` output their mean `means` [L, H, D] at every token (a forward
-    pre-hook on o_proj: a stand-in for heads.Edit(..., ablate=...) until that exists)."""
-
-    def __init__(self, model, head_set, means):
-        import heads
-        self.projs, self.head_set, self.means = heads.out_projections(model), head_set, means
-        self.handles = []
-
-    def __enter__(self):
-        D = self.means.shape[-1]
-        for l in sorted({l for l, _ in self.head_set}):
-            hs = [h for ll, h in self.head_set if ll == l]
-
-            def hook(module, args, hs=hs, l=l):
-                o = args[0].clone()
-                for h in hs:
-                    o[..., h * D:(h + 1) * D] = self.means[l, h].to(o.dtype)
-                return (o,) + tuple(args[1:])
-            self.handles.append(self.projs[l].register_forward_pre_hook(hook))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+@contextlib.contextmanager
+def mean_ablated(model, head_set, means):
+    """Inside the block, the heads in `head_set` output their mean `means` [L, H, D] at every token: heads.py's
+    mean-ablation edit (heads.Edit(..., ablate=means), as iti.py --ablate makes it). An empty set: the model as is."""
+    import heads
+    if not head_set:
+        yield
+        return
+    geo = heads.geometry(model)
+    edit = heads.Edit(geo, heads.heads_to_mask(head_set, geo), ablate=means)
+    with heads.edited(model, edit):
+        yield
 
 
 def head_means(model, tokenizer, texts, batch=64):
@@ -511,27 +500,19 @@ def prompts():
 
 def tag_effect(model, tokenizer, questions, head_set=None, means=None):
     """{prompt: {mc1, mc2}} on `questions`, optionally with `head_set` mean-ablated."""
-    import contextlib
     out = {}
-    context = contextlib.nullcontext() if not head_set else mean_ablated(model, head_set, means)
-    with context:
+    with mean_ablated(model, head_set, means):
         for name, prompt in prompts().items():
             s = mc_scores(model, tokenizer, questions, prompt)
             out[name] = {"mc1": round(float(s[:, 0].mean()), 4), "mc2": round(float(s[:, 1].mean()), 4)}
     return out
 
 
-def random_head_sets(n_sets, size, n_layers, n_heads, seed):
-    """n_sets random head sets of `size`, none equal to H*, drawn as heads.parse_heads draws random:K:SEED."""
-    out = []
-    s = seed
-    while len(out) < n_sets:
-        order = torch.randperm(n_layers * n_heads, generator=torch.Generator().manual_seed(s))
-        hs = sorted(divmod(int(i), n_heads) for i in order[:size])
-        if set(hs) != set(PLANTED_HEADS):
-            out.append(hs)
-        s += 1
-    return out
+def random_head_sets(model, n_sets, size):
+    """The sweep's random sets: heads.parse_heads('random:SIZE:SEED') for SEED = 0..n_sets-1."""
+    import heads
+    geo = heads.geometry(model)
+    return [heads.parse_heads(f"random:{size}:{seed}", geo) for seed in range(n_sets)]
 
 
 def probe_check(model, tokenizer, questions, prompt_format, seed=SEED, prefix=""):
@@ -573,11 +554,12 @@ def run_checks(model, tokenizer, csv_path, n_random=8, log=print):
                                 "plain": tag_effect(model, tokenizer, plain, PLANTED_HEADS, means)}
     log(f"H* ablated: {json.dumps(checks['ablate_planted'])}")
     checks["ablate_random"] = []
-    for hs in random_head_sets(n_random, len(PLANTED_HEADS), L, H, seed=0):
+    for hs in random_head_sets(model, n_random, len(PLANTED_HEADS)):
         r = {"heads": [f"{l}.{h}" for l, h in hs], "myth": tag_effect(model, tokenizer, myth, hs, means)}
         checks["ablate_random"].append(r)
         log(f"random {r['heads']} ablated: {json.dumps(r['myth'])}")
-    checks["mean_ablation"] = "o_h <- mean of o_h at the last token of probe.py's random_question inputs, every token"
+    checks["mean_ablation"] = ("heads.Edit(ablate=mean): o_h <- its mean at the last token of probe.py's "
+                               "random_question inputs (train+val), at every token")
     checks["tag_effect_mc1"] = summarise(checks)
     log(f"tag effect (MC1 instruction - neutral, myth questions): {json.dumps(checks['tag_effect_mc1'])}")
     checks["probe"] = {}
@@ -638,7 +620,8 @@ def load(folder=None, steps=STEPS, log=None):
 
 
 def build(folder, steps=STEPS, checks=True, log=print):
-    """Write the CSV, train, save the model, run the checks, write world.json (last: its presence means done)."""
+    """Write the CSV, train, save the model and world.json (its presence means the model is there), run the checks
+    and add them to world.json."""
     torch.manual_seed(SEED)
     facts = make_facts()
     csv_path = os.path.join(folder, "world.csv")
@@ -649,9 +632,9 @@ def build(folder, steps=STEPS, checks=True, log=print):
     log(f"world: {len(facts)} facts ({sum(f['myth'] is not None for f in facts)} with a myth), vocab "
         f"{len(tokenizer)}, model {n_params / 1e6:.2f}M parameters, H* = {PLANTED_HEADS}; training {steps} steps "
         f"on {torch.get_num_threads()} thread(s)")
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     curve, tokens = train(model, tokenizer, facts, steps, log)
-    seconds = time.time() - start
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     model.requires_grad_(False)
     model_dir = os.path.join(folder, "model")
     model.save_pretrained(model_dir)
@@ -662,12 +645,14 @@ def build(folder, steps=STEPS, checks=True, log=print):
             "sizes": {"facts": len(facts), "myth_facts": sum(f["myth"] is not None for f in facts),
                       "entities": N_ENTITIES, "vocab": len(tokenizer), "parameters": n_params,
                       "tokens_seen": tokens},
-            "training": {"seconds": round(seconds, 1), "threads": torch.get_num_threads(), "steps": steps,
+            "training": {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                         "threads": torch.get_num_threads(), "steps": steps,
                          "loss_curve": curve, "autocast": "bfloat16" if AUTOCAST else "none"},
             "csv": "world.csv", "model": "model", "run": runfiles.run_info()}
+    runfiles.write_json(os.path.join(folder, "world.json"), info)  # the model is usable from here on
     if checks:
         info["checks"] = run_checks(model, tokenizer, csv_path, log=log)
-    runfiles.write_json(os.path.join(folder, "world.json"), info)
+        runfiles.write_json(os.path.join(folder, "world.json"), info)
     return info
 
 
