@@ -1,20 +1,24 @@
 """bench.py - our speed against the reference approaches, side by side, measured in one run on one machine.
 
-Each row times our implementation and a faithful re-implementation of the reference approach (written here, from
-the ITI reference code's way of doing it), on identical inputs, after checking that both give the same answer:
+Each row times our implementation and the plain or reference way of doing the same work (the plain definitions live
+beside the fast ones, in probe.py and evaluate.py), on identical inputs, after checking that both give the same answer:
   1. edit hook overhead   edited forward vs plain forward; the reference adds ITI's vector head by head
   2. activation capture   heads.record_heads on a padded batch vs one prompt per forward keeping every position
-  3. probes               probe.fit_probes (all heads, one batched problem) vs a per-head scikit-learn loop
-  4. MC scoring           evaluate's scorer (primer once, each prompt once, answers batched on its KV cache) vs
-                          one full forward per answer, the prompt re-encoded each time (TruthfulQA's MC code)
+  3. probes               probe.fit_probes (all heads, one batched problem) vs probe.fit_probe_plain head by head
+  4. MC scoring           evaluate.answer_logprobs (primer once, each prompt once, answers batched on its KV cache)
+                          vs evaluate.plain_answer_logprobs (one full forward per answer, TruthfulQA's MC code)
   5. IPO step             ipo_edit's step (cached reference log-probs) vs a step that recomputes the reference
                           (TRL without precomputed log-probs), and vs a plain forward+backward of the frozen model
-Rows 4-5 use TruthfulQA-format questions: --data TruthfulQA.csv, or a built-in fixture of made-up questions. Row 3
-uses synthetic head outputs at Alpaca-7B's geometry (--probe-shape). Ratios mean something anywhere; absolute seconds
-only on the machine they were taken on. Prints a table (device, model, threads in its header); --json writes it.
+  6-8. bf16 vs float32    the fast precision (--fast-dtype, models' 'mixed') vs float32 on the same work: the probe
+                          capture (row 2), MC scoring (row 4) and an IPO step (row 5), with their agreement figures
+  9. edit batch           E ITI edits scored in one pass (heads.EditBatch) vs one edit after another: the same scores
+Rows 4-5 and 7-9 use TruthfulQA-format questions: --data TruthfulQA.csv, or a built-in fixture of made-up questions.
+Row 3 uses synthetic head outputs at Alpaca-7B's geometry (--probe-shape). Ratios mean something anywhere; absolute
+seconds only on the machine they were taken on. Prints a table (device, model, threads and the CPU's bf16 matrix units
+in its header and in every row); --json writes it.
 
-    python bench.py --quick            # tiny random model, small sizes: under a minute on one CPU thread
-    python bench.py --threads 2 --data TruthfulQA.csv   # smollm2-135m, full sizes: 10-15 minutes on a CPU
+    python bench.py --quick            # tiny random model, small sizes: about a minute on one CPU thread
+    python bench.py --threads 2 --data TruthfulQA.csv   # smollm2-135m, full sizes: 15-20 minutes on a CPU
 """
 import argparse
 import csv
@@ -46,7 +50,10 @@ parser.add_argument("--data", default=None, help="rows 4-5: a TruthfulQA CSV (de
                     "made-up questions in its format)")
 parser.add_argument("--n-questions", type=int, default=5, help="rows 4-5: how many questions (the fixture repeats)")
 parser.add_argument("--pairs", type=int, default=4, help="row 5: preference pairs per IPO step (the paper's batch: 4)")
-parser.add_argument("--stages", default="1,2,3,4,5", help="which rows to run, e.g. 1,2")
+parser.add_argument("--n-edits", type=int, default=4, help="row 9: edits scored at once")
+parser.add_argument("--fast-dtype", default="mixed", help="rows 6-8: the fast precision, a models --dtype (default: "
+                    "mixed, bf16 matrix products with float32 residual stream and log-softmax)")
+parser.add_argument("--stages", default="1,2,3,4,5,6,7,8,9", help="which rows to run, e.g. 1,2")
 parser.add_argument("--json", default=None, help="also write the table to this JSON file")
 
 
@@ -199,27 +206,14 @@ def synthetic_head_outputs(n, G, D, k, seed=0):
     return x, labels, planted
 
 
-def sklearn_probes(train_x, train_y, val_x, val_y):
-    """The reference way (ITI's train_probes): LogisticRegression(C=1.0, max_iter=1000) fit head by head.
-    Returns (validation accuracy [G], lbfgs iterations per head)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits  # installed with scikit-learn
-    accuracy, iterations = [], []
-    # the same CPU threads as torch (BLAS and scikit-learn's OpenMP loss), and no warning per unconverged head
-    with threadpool_limits(torch.get_num_threads()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for h in range(train_x.shape[1]):
-            clf = LogisticRegression(C=1.0, max_iter=1000).fit(train_x[:, h].float().numpy(), train_y.numpy())
-            accuracy.append(clf.score(val_x[:, h].float().numpy(), val_y.numpy()))
-            iterations.append(int(clf.n_iter_[0]))
-    return torch.tensor(accuracy), iterations
+def plain_probes(train_x, train_y, val_x, val_y):
+    """The plain way: probe.fit_probe_plain (Newton's method) head by head. Returns validation accuracy [G]."""
+    import probe
+    return torch.tensor([probe.fit_probe_plain(train_x[:, h], train_y, val_x[:, h], val_y)[0]
+                         for h in range(train_x.shape[1])])
 
 
 def row_probes(model, tok, args, device):
-    if not _has("sklearn"):
-        print("row 3 skipped: scikit-learn is not installed (pip install scikit-learn, a test-only requirement)")
-        return None
     import probe
     G, D, n = args.probe_shape
     k = max(1, min(16, G // 4))  # planted heads: the top-k both fits must find
@@ -232,17 +226,15 @@ def row_probes(model, tok, args, device):
     repeats = min(args.repeats, 3)  # at full size one pass takes about a minute per method on one CPU thread
     t_ours, (ours, _) = median_time(lambda: probe.fit_probes(train_x, train_y, val_x, val_y, device=device), repeats,
                                     device, warmup=False)  # ours: validation accuracy [G]
-    t_ref, (ref, iterations) = median_time(lambda: sklearn_probes(train_x, train_y, val_x, val_y), repeats, device,
-                                           warmup=False)
-    overlap = len(top(ours) & top(ref))
+    t_ref, ref = median_time(lambda: plain_probes(train_x, train_y, val_x, val_y), repeats, device, warmup=False)
+    overlap, differ = len(top(ours) & top(ref)), int((ours - ref).abs().gt(1e-6).sum())
     target = 100 if device.startswith("cuda") else 3
     return {"stage": "3 probes", "ours_s": t_ours, "reference_s": t_ref, "ratio": t_ref / t_ours,
-            "ratio_label": "reference/ours", "target": f">= {target}", "met": t_ref / t_ours >= target,
-            "match": overlap == k, "top_k_overlap": overlap,
+            "ratio_label": "plain/ours", "target": f">= {target}", "met": t_ref / t_ours >= target,
+            "match": overlap == k and differ == 0, "top_k_overlap": overlap,
             "note": f"{G} heads x {D} dims, {n_train} train / {n - n_train} val; top-{k} overlap {overlap}/{k} "
-                    f"(planted found {len(top(ours) & set(planted.tolist()))}/{k}); accuracies differ at "
-                    f"{int((ours - ref).abs().gt(1e-6).sum())} heads, max {(ours - ref).abs().max():.4f}; lbfgs "
-                    f"iterations median {statistics.median(iterations):.0f}, max {max(iterations)}; {repeats} repeats"}
+                    f"(planted found {len(top(ours) & set(planted.tolist()))}/{k}); validation accuracies differ at "
+                    f"{differ} heads; {repeats} repeats"}
 
 
 # ---- 4. MC scoring: the prompt once, the answers as one batch vs one full forward per answer (TruthfulQA's MC loop)
@@ -279,92 +271,93 @@ def load_questions(args, folder):
     return path, tqa.load_truthfulqa(path)[:args.n_questions]
 
 
-def per_answer_logprobs(model, tok, question, instruction):
-    """The reference way (TruthfulQA's MC code, which ITI runs): TruthfulQA's answer lists (the correct answers, the
-    best one added when missing, then the incorrect ones); for each answer the prompt is encoded again and run with
-    the answer in one full forward; the log-softmax over every position, the answer tokens' log-probs summed."""
-    answers = question["correct"] + [question["best"]] * (question["best"] not in question["correct"])
-    scores = []
-    for answer in answers + question["incorrect"]:
-        prompt = tok(tqa.qa_prompt(question["question"], instruction))["input_ids"]
-        ids = prompt + tok(tqa.ANSWER_TEMPLATE.format(answer=answer), add_special_tokens=False)["input_ids"]
-        logprobs = model(torch.tensor([ids], device=model.device)).logits[0].float().log_softmax(-1)  # [seq, vocab]
-        target = torch.tensor(ids[len(prompt):], device=model.device)  # [answer tokens]
-        scores.append(logprobs[len(prompt) - 1:-1].gather(1, target[:, None]).sum().item())
-    return scores
+def mc_scores(model, tok, questions, targets=None, batch=None):
+    """As evaluate.score_questions: the prompts' common start (instruction + QA primer) run once, then each question's
+    prompt rest once and its answers as one batch on that KV cache; [targets][answers of every question] scores."""
+    import evaluate
+    targets = targets or [evaluate.Target()]
+    encoded = [evaluate.encode_question(tok, q, "default") for q in questions]  # (prompt ids, answer ids, ...)
+    primer_ids = encoded[0][0][:tqa.shared_prefix_length([prompt_ids for prompt_ids, *_ in encoded])]
+    primer = evaluate.make_primer(model, primer_ids, targets, batch, "mc")
+    per_question = [evaluate.answer_logprobs(model, p, a, targets, batch, primer) for p, a, *_ in encoded]
+    return [[s for scores in per_question for s in scores[t]] for t in range(len(targets))]
+
+
+def plain_mc_scores(model, tok, questions):
+    import evaluate
+    return [s for q in questions for s in evaluate.plain_answer_logprobs(model, *evaluate.encode_question(
+        tok, q, "default")[:2])]
 
 
 def row_mc_scoring(model, tok, args, device):
-    import evaluate
-
-    def ours(questions):
-        """As evaluate.score_questions: the prompts' common start (instruction + QA primer) run once, then each
-        question's prompt rest once and its answers as one batch on that KV cache."""
-        encoded = [evaluate.encode_question(tok, q, "default") for q in questions]  # (prompt ids [1, p], answers, ..)
-        n_primer = tqa.shared_prefix_length([prompt_ids[0].tolist() for prompt_ids, *_ in encoded])
-        primer = evaluate.make_primer(model, encoded[0][0][0, :n_primer].tolist())
-        return [s for prompt_ids, answer_ids, *_ in encoded
-                for s in evaluate.answer_logprobs(model, prompt_ids, answer_ids, primer=primer)]
-
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         _, questions = load_questions(args, folder)
         repeats = min(args.repeats, 3)  # one reference pass over 5 questions takes a minute on one CPU thread
-        t_ours, got = median_time(lambda: ours(questions), repeats, device, warmup=False)
-        t_ref, want = median_time(lambda: [s for q in questions for s in per_answer_logprobs(model, tok, q, "default")],
-                                  repeats, device, warmup=False)
+        t_ours, got = median_time(lambda: mc_scores(model, tok, questions)[0], repeats, device, warmup=False)
+        t_ref, want = median_time(lambda: plain_mc_scores(model, tok, questions), repeats, device, warmup=False)
         diff = max(abs(a - b) for a, b in zip(got, want)) if len(got) == len(want) else float("inf")
     return {"stage": "4 MC scoring", "ours_s": t_ours, "reference_s": t_ref, "ratio": t_ref / t_ours,
-            "ratio_label": "reference/ours", "target": ">= 5", "met": t_ref / t_ours >= 5, "match": diff <= 1e-4,
+            "ratio_label": "plain/ours", "target": ">= 5", "met": t_ref / t_ours >= 5, "match": diff <= 1e-4,
             "note": f"{len(questions)} questions ({'--data' if args.data else 'fixture'}), {len(got)} answers, "
                     f"ITI's instruction + QA primer; max |score diff| {diff:.1e}; {repeats} repeats"}
 
 
 # ---- 5. IPO step: cached pi0 (ipo_edit) vs pi0 recomputed every step (TRL without precomputed reference log-probs)
 
-def row_ipo_step(model, tok, args, device):
+def ipo_work(model, tok, args, device, folder):
+    """A training batch of --pairs pairs and a moved edit (b = 0 would make the edited model the reference)."""
     import ipo_edit
     geo = heads.geometry(model)
     spec = f"random:{min(args.k, geo.n_layers * geo.n_heads)}:0"
-    with tempfile.TemporaryDirectory() as folder:
-        path, questions = load_questions(args, folder)
-        ipo_args = ipo_edit.build_parser().parse_args([  # ipo_edit's defaults: tau 0.3, mean log-prob, lora1
-            "--model", args.model, "--data", path, "--device", device, "--heads", spec, "--batch-size", str(args.pairs),
-            "--out", folder])
-        pairs = ipo_edit.select_pairs(questions, 2 * args.pairs, ipo_args.seed)  # a seeded subsample, then shuffled
-        pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))]
-        if len(pairs) < args.pairs:
-            raise SystemExit(f"row 5 needs --pairs {args.pairs} preference pairs; {args.n_questions} questions give "
-                             f"{len(pairs)}: pass more --n-questions")
-        encoded, pad_id = ipo_edit.encode_pairs(tok, pairs, ipo_args.instruction), tok.pad_token_id
-        # the cache, made the way ipo_edit makes it: eval batches of 8 pairs, not the training batch of --pairs
-        cached = ipo_edit.reference_logps(model, encoded, ipo_edit.Batcher(pad_id, device), ipo_args, ipo_edit.reference_key(
-            ipo_args, model, pairs), folder, "bench")  # (chosen [2B], rejected [2B])
-    B, tau, logp = args.pairs, ipo_args.tau[0], ipo_args.logp
-    ref_chosen, ref_rejected = cached[0][:B].to(device), cached[1][:B].to(device)  # [B] each
-    batch = ipo_edit.collate(encoded[:B], pad_id, device, ipo_edit.shares_prefix(ipo_args))
+    path, questions = load_questions(args, folder)
+    ipo_args = ipo_edit.build_parser().parse_args([  # ipo_edit's defaults: tau 0.3, mean log-prob, lora1
+        "--model", args.model, "--data", path, "--device", device, "--heads", spec, "--batch-size", str(args.pairs),
+        "--out", folder])
+    pairs = ipo_edit.select_pairs(questions, 2 * args.pairs, ipo_args.seed)  # a seeded subsample, then shuffled
+    pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))]
+    if len(pairs) < args.pairs:
+        raise SystemExit(f"the IPO rows need --pairs {args.pairs} preference pairs; {args.n_questions} questions give "
+                         f"{len(pairs)}: pass more --n-questions")
+    encoded = ipo_edit.encode_pairs(tok, pairs, ipo_args.instruction)
     edit = ipo_edit.make_edit(geo, heads.parse_heads(spec, geo), ipo_args.param, ipo_args.seed, device)
-    with torch.no_grad():  # b = 0 would make the edited model the reference: move it so the check means something
+    with torch.no_grad():
         edit.b.copy_(0.1 * torch.randn(edit.b.shape, generator=torch.Generator().manual_seed(2)))
+    return ipo_args, pairs, encoded, edit, spec
+
+
+def ipo_loss_and_grads(model, edit, batch, chosen, rejected, args):
+    """[B + 2*L*H*D]: the IPO loss of each pair, then the gradients of a and b."""
+    import ipo_edit
+    edit.zero_grad()
+    with heads.edited(model, edit):
+        loss = ipo_edit.pair_losses(model, batch, chosen, rejected, args.tau[0], args.logp)[0]  # [B]
+        loss.mean().backward()
+    return torch.cat([loss.detach(), edit.a.grad.flatten(), edit.b.grad.flatten()])
+
+
+def ipo_stepper(model, edit, batch, args, reference):
+    """One training step of ipo_edit on `batch`, its reference log-probs from reference() ([B], [B])."""
+    import ipo_edit
     optimizer = torch.optim.AdamW(edit.parameters(), lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return lambda: ipo_edit.train_step(model, edit, batch, *reference(), args.tau[0], args.logp, optimizer, scheduler)
+
+
+def row_ipo_step(model, tok, args, device):
+    import ipo_edit
+    with tempfile.TemporaryDirectory() as folder:
+        ipo_args, pairs, encoded, edit, spec = ipo_work(model, tok, args, device, folder)
+        # the cache, made the way ipo_edit makes it: eval batches of 8 pairs, not the training batch of --pairs
+        cached = ipo_edit.reference_logps(model, encoded, ipo_edit.Batcher(tok.pad_token_id, device), ipo_args,
+                                          ipo_edit.reference_key(ipo_args, model, pairs), folder, "bench")
+    B, logp = args.pairs, ipo_args.logp
+    ref_chosen, ref_rejected = cached[0][:B].to(device), cached[1][:B].to(device)  # [B] each
+    batch = ipo_edit.collate(encoded[:B], tok.pad_token_id, device, ipo_edit.shares_prefix(ipo_args))
 
     def recomputed_reference():
         with torch.no_grad():  # the edit is off outside heads.edited
             lp = ipo_edit.answer_logps(model, batch, logp)  # [2B]
         return lp[:B], lp[B:]
-
-    def loss_and_grads(chosen, rejected):
-        edit.zero_grad()
-        with heads.edited(model, edit):
-            loss = ipo_edit.pair_losses(model, batch, chosen, rejected, tau, logp)[0]  # [B]
-            loss.mean().backward()
-        return torch.cat([loss.detach(), edit.a.grad.flatten(), edit.b.grad.flatten()])
-
-    def ours():
-        ipo_edit.train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimizer, scheduler)
-
-    def trl_style():
-        ipo_edit.train_step(model, edit, batch, *recomputed_reference(), tau, logp, optimizer, scheduler)
 
     def frozen():  # the same forward+backward without the edit: the gradient reaches the input embeddings
         hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
@@ -373,8 +366,11 @@ def row_ipo_step(model, tok, args, device):
         finally:
             hook.remove()
 
-    got, want = loss_and_grads(ref_chosen, ref_rejected), loss_and_grads(*recomputed_reference())  # [B + 2*L*H*D]
+    got = ipo_loss_and_grads(model, edit, batch, ref_chosen, ref_rejected, ipo_args)
+    want = ipo_loss_and_grads(model, edit, batch, *recomputed_reference(), ipo_args)
     match = torch.allclose(got, want, rtol=1e-3, atol=1e-6)
+    ours = ipo_stepper(model, edit, batch, ipo_args, lambda: (ref_chosen, ref_rejected))
+    trl_style = ipo_stepper(model, edit, batch, ipo_args, recomputed_reference)
     t_ours, t_trl, t_frozen = (median_time(f, args.repeats, device)[0] for f in (ours, trl_style, frozen))
     return {"stage": "5 IPO step", "ours_s": t_ours, "reference_s": t_trl, "baseline_s": t_frozen,
             "ratio": t_ours / t_frozen, "ratio_label": "ours/frozen fwd+bwd", "target": "<= 1.1",
@@ -382,6 +378,100 @@ def row_ipo_step(model, tok, args, device):
             "note": f"frozen fwd+bwd {t_frozen:.4f} s; reference (pi0 recomputed) {t_trl / t_ours:.2f}x ours; "
                     f"{B} pairs, {spec} heads, shared prefix {ipo_edit.shares_prefix(ipo_args)}; max |diff| of "
                     f"loss and grads {(got - want).abs().max():.1e}"}
+
+
+# ---- 6-8. The fast precision vs float32 on the same work; 9. E edits in one pass vs one after another
+
+def fast_row(stage, t_fast, t_float32, match, tolerance, note):
+    return {"stage": stage, "ours_s": t_fast, "reference_s": t_float32, "ratio": t_float32 / t_fast,
+            "ratio_label": "float32/fast", "target": ">= 1.5", "met": t_float32 / t_fast >= 1.5, "match": match,
+            "note": f"{note} (tolerance: {tolerance})"}
+
+
+def row_fast_capture(model, tok, args, device):
+    prompts = probe_like_prompts(args.n_prompts)
+    with torch.no_grad():
+        t_fast, fast = median_time(lambda: capture_batched(args.fast_model, tok, prompts, args.batch_size, device),
+                                   args.repeats, device)
+        t_f32, f32 = median_time(lambda: capture_batched(model, tok, prompts, args.batch_size, device), args.repeats,
+                                 device)
+    error = float((fast - f32).norm() / f32.norm())  # [n, L, H, D] head outputs
+    cosine = torch.nn.functional.cosine_similarity(fast.flatten(2), f32.flatten(2), dim=-1).min().item()
+    return fast_row("6 capture, fast", t_fast, t_f32, error <= 0.05, "relative error <= 0.05",
+                    f"{args.fast_dtype}; {len(prompts)} prompts; head outputs' relative error {error:.4f}, min "
+                    f"cosine per layer {cosine:.4f}")
+
+
+def row_fast_mc(model, tok, args, device):
+    import evaluate
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        _, questions = load_questions(args, folder)
+        t_fast, fast = median_time(lambda: mc_scores(args.fast_model, tok, questions)[0], args.repeats, device)
+        t_f32, f32 = median_time(lambda: mc_scores(model, tok, questions)[0], args.repeats, device)
+    per_question, i = [], 0
+    for q in questions:
+        _, answers, n_correct, best = evaluate.encode_question(tok, q, "default")
+        per_question.append([evaluate.mc_metrics(s[i:i + n_correct], s[i + n_correct:i + len(answers)], best)
+                             for s in (fast, f32)])
+        i += len(answers)
+    mc1 = sum(a["mc1"] == b["mc1"] for a, b in per_question) / len(per_question)
+    mc2 = sum(abs(a["mc2"] - b["mc2"]) for a, b in per_question) / len(per_question)
+    return fast_row("7 MC scoring, fast", t_fast, t_f32, mc1 >= 0.97 and mc2 <= 0.005,
+                    "MC1 agreement >= 0.97, mean |MC2 diff| <= 0.005",
+                    f"{args.fast_dtype}; {len(questions)} questions: MC1 agreement {mc1:.3f}, mean |MC2 diff| {mc2:.4f}, "
+                    f"max |score diff| {max(abs(a - b) for a, b in zip(fast, f32)):.3f}")
+
+
+def row_fast_ipo(model, tok, args, device):
+    import ipo_edit
+    with tempfile.TemporaryDirectory() as folder:
+        ipo_args, pairs, encoded, edit, spec = ipo_work(model, tok, args, device, folder)
+    B = args.pairs
+    batch = ipo_edit.collate(encoded[:B], tok.pad_token_id, device, ipo_edit.shares_prefix(ipo_args))
+    results, times = [], []
+    for m in (args.fast_model, model):
+        with torch.no_grad():
+            ref = ipo_edit.answer_logps(m, batch, ipo_args.logp)  # [2B]: pi0 at this precision
+        results.append(ipo_loss_and_grads(m, edit, batch, ref[:B], ref[B:], ipo_args))
+        step = ipo_stepper(m, ipo_edit.make_edit(heads.geometry(m), heads.mask_to_heads(edit.head_mask), "lora1", 0,
+                                                 device), batch, ipo_args, lambda: (ref[:B], ref[B:]))
+        times.append(median_time(step, args.repeats, device)[0])
+    (fast, f32), n = results, B
+    cosine = torch.nn.functional.cosine_similarity(fast[n:], f32[n:], dim=0).item()
+    loss_diff = (fast[:n] - f32[:n]).abs().max().item()
+    return fast_row("8 IPO step, fast", times[0], times[1], cosine >= 0.99, "gradient cosine >= 0.99",
+                    f"{args.fast_dtype}; {B} pairs, {spec} heads: gradient cosine {cosine:.4f}, max |loss diff| "
+                    f"{loss_diff:.2e}")
+
+
+def row_edit_batch(model, tok, args, device):
+    import evaluate
+    geo = heads.geometry(model)
+    edits = [iti_edit(geo, min(args.k, geo.n_layers * geo.n_heads), seed=e)[0].to(device) for e in range(args.n_edits)]
+    together = [evaluate.Target(name=f"edit{e}", edit=edit, apply="iti") for e, edit in enumerate(edits)]
+    apart = [evaluate.Target(name=f"edit{e}", edit=edit, apply="iti") for e, edit in enumerate(edits)]
+    batch, batches = evaluate.edit_batch(together), [evaluate.edit_batch([t]) for t in apart]
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        _, questions = load_questions(args, folder)
+        t_once, at_once = median_time(lambda: mc_scores(model, tok, questions, together, batch), args.repeats, device)
+        t_apart, one_by_one = median_time(lambda: [mc_scores(model, tok, questions, [t], b)[0] for t, b in
+                                                   zip(apart, batches)], args.repeats, device)
+    diff = max(abs(a - b) for x, y in zip(at_once, one_by_one) for a, b in zip(x, y))
+    return {"stage": "9 edit batch", "ours_s": t_once, "reference_s": t_apart, "ratio": t_apart / t_once,
+            "ratio_label": "apart/at once", "target": ">= 1.5", "met": t_apart / t_once >= 1.5, "match": diff <= 1e-5,
+            "note": f"{args.n_edits} ITI edits of {min(args.k, geo.n_layers * geo.n_heads)} heads, MC scoring of "
+                    f"{len(questions)} questions; max |score diff| {diff:.1e}"}
+
+
+def matrix_units():
+    """The CPU's bf16 matrix features, from /proc/cpuinfo's flags: AMX-BF16, AVX512-BF16, both, or none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return "+".join(found) or "none"
 
 
 def print_table(rows, header):
@@ -392,7 +482,8 @@ def print_table(rows, header):
               f"{'yes' if r['met'] else 'NO':<5}{'yes' if r['match'] else 'NO':<5} {r['ratio_label']}; {r['note']}")
 
 
-ROWS = {"1": row_hook_overhead, "2": row_capture, "3": row_probes, "4": row_mc_scoring, "5": row_ipo_step}
+ROWS = {"1": row_hook_overhead, "2": row_capture, "3": row_probes, "4": row_mc_scoring, "5": row_ipo_step,
+        "6": row_fast_capture, "7": row_fast_mc, "8": row_fast_ipo, "9": row_edit_batch}
 
 
 def main(argv=None):
@@ -406,16 +497,28 @@ def main(argv=None):
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.batch_size = args.batch_size or (8 if args.quick else 16)
     args.n_prompts = args.n_prompts or (32 if args.quick else 64)
-    if min(args.threads, args.repeats, args.batch_size, args.n_prompts, args.n_questions, args.pairs, args.k) < 1:
-        raise SystemExit("--threads, --repeats, --batch-size, --n-prompts, --n-questions, --pairs and --k must be at "
-                         "least 1")
+    if min(args.threads, args.repeats, args.batch_size, args.n_prompts, args.n_questions, args.pairs, args.k,
+           args.n_edits) < 1:
+        raise SystemExit("--threads, --repeats, --batch-size, --n-prompts, --n-questions, --pairs, --k and --n-edits "
+                         "must be at least 1")
     model, tok, about = models.load_model(args.model, device=args.device)
+    dtypes = argparse.ArgumentParser()
+    models.add_model_args(dtypes)
+    known = next(a.choices for a in dtypes._actions if a.dest == "dtype")
+    if {"6", "7", "8"} & set(stages) and args.fast_dtype not in known:
+        print(f"rows 6-8 skipped: --fast-dtype {args.fast_dtype} is not one of models' dtypes ({', '.join(known)})")
+        stages = [s for s in stages if s not in "678"]
+    if {"6", "7", "8"} & set(stages):
+        args.fast_model = models.load_model(args.model, args.fast_dtype, args.device)[0]
+    units = matrix_units()
     header = (f"bench.py: model {args.model} ({about['note']}), device {args.device}, {args.threads} CPU thread(s), "
-              f"median of {args.repeats}")
-    rows = [row for row in (ROWS[s](model, tok, args, args.device) for s in stages) if row is not None]
+              f"CPU bf16 matrix units: {units}, median of {args.repeats}")
+    rows = [dict(row, threads=args.threads, matrix_units=units) for row in
+            (ROWS[s](model, tok, args, args.device) for s in stages) if row is not None]
     print_table(rows, header)
     if args.json:
-        runfiles.write_json(args.json, {"header": header, "rows": rows, "run": runfiles.run_info(args)})
+        settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "fast_model"})
+        runfiles.write_json(args.json, {"header": header, "rows": rows, "run": runfiles.run_info(settings)})
     return rows
 
 

@@ -10,8 +10,8 @@ Only the edit's parameters train; the model stays frozen. For each preference pa
 (h - 1/(2 tau))^2 is minimised (IPO, Azar et al. 2023; TRL's loss_type="ipo"). log pi(y|x) is the mean log-prob of the
 answer tokens (TRL's IPO; --logp sum for the sum). pi0 is the unedited model: its log-probs are computed once, cached
 on disk, and shared by every tau. Validation loss and margin on pairs of the VAL questions are logged every
---val-every steps and at each epoch's end. --precision bfloat16 runs the model's matrix products in bf16 (autocast,
-inputs padded to a few shapes); the edit, its optimizer, the log-softmax and the sums stay float32.
+--val-every steps and at each epoch's end. --dtype mixed is the fast precision (models.bf16_linears: the matrix
+products in bf16); the edit, its optimizer state, the log-softmax and the sums of log-probs stay float32.
 
 Reads:  --data TruthfulQA.csv, --model, --probe RUN/probe (for --heads top:K; it must be of this model).
 Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all", tau, param, lr, settings, the log),
@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +78,6 @@ def build_parser():
     train.add_argument("--checkpoint-every", type=int, default=16, help="save the edit and optimizer every this many "
                        "steps (and at each epoch's end); a killed run resumes there")
     speed = p.add_argument_group("speed")
-    speed.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                       help="matrix products in float32, or in bf16 under autocast with padded shapes (the edit, its "
-                       "optimizer, log-softmax and sums stay float32)")
     speed.add_argument("--eval-batch-size", type=int, default=8, help="pairs per batch for reference and validation")
     speed.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (7B on one "
                        "GPU)")
@@ -127,23 +123,14 @@ def encode_pairs(tokenizer, pairs, instruction):
     return [(prompt_ids(p["question"]), answer_ids(p["chosen"]), answer_ids(p["rejected"])) for p in pairs]
 
 
-BUCKET = 16  # --precision bfloat16 pads prompt rests and answers to a multiple of this many tokens: the CPU's bf16
-# kernels are built per matrix shape, so a few shapes, each met again and again, run fast, and new ones do not
-
-
-def collate(encoded, pad_id, device, share_prefix=True, stable_prefix=None):
+def collate(encoded, pad_id, device, share_prefix=True):
     """2B rows (the B chosen answers, then the B rejected ones) as [shared prefix | prompt rest | answer]: the prefix
     common to all prompts once (batch 1, its KV cache reused by every row), the rest of each prompt left-padded to P,
     the answer right-padded to A, so every answer starts at column P and the loss needs only the last A+1 logits.
-    share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing).
-    stable_prefix: a prefix length every batch shares (the prompts' common start over the whole data), with P and A
-    rounded up to a multiple of BUCKET: the few shapes bf16 needs (more padding, the same numbers up to round-off)."""
-    S = stable_prefix if stable_prefix is not None else \
-        tqa.shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
+    share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing)."""
+    S = tqa.shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
     rows = [(p[S:], c) for p, c, _ in encoded] + [(p[S:], r) for p, _, r in encoded]
     P, A = max(len(p) for p, _ in rows), max(len(y) for _, y in rows)
-    if stable_prefix is not None:
-        P, A = -(-P // BUCKET) * BUCKET, -(-A // BUCKET) * BUCKET
     ids = torch.full((len(rows), P + A), pad_id, dtype=torch.long)  # [2B, P+A]
     mask = torch.zeros_like(ids)
     for i, (p, y) in enumerate(rows):
@@ -155,32 +142,6 @@ def collate(encoded, pad_id, device, share_prefix=True, stable_prefix=None):
     return {"prefix": torch.tensor([encoded[0][0][:S]], device=device) if S else None,  # [1, S]
             "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
             "targets": ids[:, P:].to(device), "answer_mask": mask[:, S + P:].to(device)}  # targets: [2B, A]
-
-
-@contextmanager
-def matmul_precision(model, precision):
-    """Inside the block the model runs at `precision`: float32 as loaded, or bfloat16: its matrix products in bf16
-    under torch.autocast (the weights, the residual stream and the norms stay float32), except the output layer,
-    which runs in float32 so that the logits, and the log-probs summed from them, are not rounded to bf16 (8 bits)."""
-    if precision == "float32":
-        yield
-        return
-    device_type = heads.out_projections(model)[0].weight.device.type
-    output_layer, exact = model.get_output_embeddings(), ExitStack()
-
-    def before(module, args):
-        exact.enter_context(torch.autocast(device_type, enabled=False))
-        return (args[0].float(),) + tuple(args[1:])
-
-    handles = [output_layer.register_forward_pre_hook(before),
-               output_layer.register_forward_hook(lambda module, args, out: exact.close())]
-    try:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            yield
-    finally:
-        exact.close()
-        for h in handles:
-            h.remove()
 
 
 def answer_logps(model, batch, logp):
@@ -204,22 +165,13 @@ def shares_prefix(args):
 
 @dataclass
 class Batcher:
-    """How pairs become batches in this run: collate's settings, and the precision the model runs at."""
+    """How pairs become batches in this run (collate's settings)."""
     pad_id: int
     device: torch.device
     share_prefix: bool = True
-    stable_prefix: int = None  # with --precision bfloat16: the prompts' common start, the same in every batch
-    precision: str = "float32"
 
     def __call__(self, encoded):
-        return collate(encoded, self.pad_id, self.device, self.share_prefix, self.stable_prefix)
-
-
-def make_batcher(args, tokenizer, device, encoded):
-    stable = None
-    if args.precision == "bfloat16":
-        stable = tqa.shared_prefix_length([p for p, _, _ in encoded]) if shares_prefix(args) else 0
-    return Batcher(tokenizer.pad_token_id, device, shares_prefix(args), stable, args.precision)
+        return collate(encoded, self.pad_id, self.device, self.share_prefix)
 
 
 def batches(encoded, batch_size, order=None):
@@ -229,12 +181,11 @@ def batches(encoded, batch_size, order=None):
         yield order[i:i + batch_size]
 
 
-# ---- Reference log-probs pi0: once per (model, data, prompt, logp, precision), edit off, cached on disk.
+# ---- Reference log-probs pi0: once per (model and its dtype, data, prompt, logp), edit off, cached on disk.
 
 def reference_key(args, model, pairs):
     text = json.dumps([args.model, args.dtype, heads.fingerprint(model), args.instruction, args.logp,
-                       [(p["question"], p["chosen"], p["rejected"]) for p in pairs]]
-                      + ([args.precision] if args.precision != "float32" else []))  # float32: the keys made before
+                       [(p["question"], p["chosen"], p["rejected"]) for p in pairs]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -248,13 +199,12 @@ def reference_logps(model, encoded, batcher, args, key, cache_dir, what):
         return ref["chosen"], ref["rejected"]
     chosen, rejected = [], []
     for idx in tqdm(list(batches(encoded, args.eval_batch_size)), desc=f"reference log-probs ({what})"):
-        with matmul_precision(model, batcher.precision):
-            lp = answer_logps(model, batcher([encoded[i] for i in idx]), args.logp).cpu()
+        lp = answer_logps(model, batcher([encoded[i] for i in idx]), args.logp).cpu()
         chosen.append(lp[:len(idx)])
         rejected.append(lp[len(idx):])
     ref = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
     about = {"model": args.model, "data": str(args.data), "seed": str(args.seed), "instruction": args.instruction,
-             "logp": args.logp, "n_pairs": str(len(encoded)), "what": what, "precision": batcher.precision}
+             "logp": args.logp, "n_pairs": str(len(encoded)), "what": what, "dtype": args.dtype}
     runfiles.write_atomic(path, lambda tmp: save_file(ref, tmp, metadata=about))
     return ref["chosen"], ref["rejected"]
 
@@ -282,13 +232,12 @@ def pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp):
     return ipo_loss(policy[:B] - ref_chosen, policy[B:] - ref_rejected, tau), h
 
 
-def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimizer, scheduler, precision="float32"):
+def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimizer, scheduler):
     """One IPO step: one forward+backward of the 2B-row batch; returns (loss, mean margin) as floats.
     The backward runs inside the edit too: gradient checkpointing recomputes the forward there."""
     with heads.edited(model, edit):
-        with matmul_precision(model, precision):
-            loss, h = pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp)
-            loss = loss.mean()
+        loss, h = pair_losses(model, batch, ref_chosen, ref_rejected, tau, logp)
+        loss = loss.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(loss.item())
         optimizer.zero_grad(set_to_none=True)
@@ -303,7 +252,7 @@ def validate(model, edit, encoded, ref, batcher, tau, args):
     """Mean IPO loss and margin over the validation pairs."""
     losses, margins = [], []
     for idx in batches(encoded, args.eval_batch_size):
-        with heads.edited(model, edit), matmul_precision(model, batcher.precision):
+        with heads.edited(model, edit):
             loss, h = pair_losses(model, batcher([encoded[i] for i in idx]), ref[0][idx].to(batcher.device),
                                   ref[1][idx].to(batcher.device), tau, args.logp)
         losses.append(loss.float().cpu())
@@ -343,7 +292,7 @@ def paths_of(path):
 def settings_of(args, head_list, tau, lr, n_pairs, n_val_pairs):
     """Everything the trained edit depends on, saved in its meta: an edit (or checkpoint) made with other settings is
     not reused. (Validation, checkpoint and batching options change no weight, so they are not part of it.)"""
-    return {"model": args.model, "dtype": args.dtype, "precision": args.precision, "data": tqa.data_version(args.data),
+    return {"model": args.model, "dtype": args.dtype, "data": tqa.data_version(args.data),
             "seed": args.seed, "heads": heads.format_heads(head_list), "param": args.param, "tau": tau,
             "logp": args.logp, "instruction": args.instruction, "n_pairs": n_pairs, "n_val_pairs": n_val_pairs,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr, "warmup": args.warmup,
@@ -427,10 +376,10 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
             try:
                 loss, margin = train_step(model, edit, data.batcher([data.train[j] for j in idx]),
                                           data.train_ref[0][idx].to(device), data.train_ref[1][idx].to(device), tau,
-                                          args.logp, optimizer, scheduler, args.precision)
+                                          args.logp, optimizer, scheduler)
             except FloatingPointError as e:
                 raise SystemExit(f"the IPO loss became {e} at step {step + 1} (tau={tau}); no edit was written for "
-                                 f"it: lower --lr (now {settings['lr']}) or use --precision float32") from None
+                                 f"it: lower --lr (now {settings['lr']}) or use --dtype float32") from None
             step += 1
             log["steps"].append({"step": step, "epoch": epoch, "loss": loss, "margin": margin,
                                  "lr": scheduler.get_last_lr()[0]})
@@ -526,7 +475,8 @@ def main(argv=None):
     meta = {"model": args.model, "fingerprint": heads.fingerprint(model), "method": "ipo", "head_spec": args.heads,
             "apply": "all", "seed": args.seed, "param": args.param, "lr": lr, "epochs": args.epochs,
             "batch_size": args.batch_size, "logp": args.logp, "n_pairs": len(train_pairs), "n_val_pairs": len(val_pairs),
-            "instruction": args.instruction, "warmup": args.warmup, "precision": args.precision,
+            "instruction": args.instruction, "warmup": args.warmup,
+            "precision": {"dtype": args.dtype, "note": about.get("precision", f"weights and activations in {args.dtype}")},
             "model_note": about["note"], "run": runfiles.run_info(args)}
     todo = []
     for tau, path in zip(args.tau, paths):
@@ -537,7 +487,7 @@ def main(argv=None):
         return
     train_enc = encode_pairs(tokenizer, train_pairs, args.instruction)
     val_enc = encode_pairs(tokenizer, val_pairs, args.instruction)
-    batcher = make_batcher(args, tokenizer, device, train_enc + val_enc)
+    batcher = Batcher(tokenizer.pad_token_id, device, shares_prefix(args))
     train_ref = reference_logps(model, train_enc, batcher, args, reference_key(args, model, train_pairs), cache_dir,
                                 "train")
     val_ref = reference_logps(model, val_enc, batcher, args, reference_key(args, model, val_pairs), cache_dir, "val") \
