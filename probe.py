@@ -402,6 +402,8 @@ def main(argv=None):
     runfiles.write_json(os.path.join(args.out, "probe.json"), {
         "geometry": vars(geo), "ranking": ranking, "model": args.model, "fingerprint": fingerprint,
         "seed": args.seed, "prompt_format": args.prompt_format, **sizes,
+        "precision": {"dtype": args.dtype, "note": models.MIXED_NOTE if args.dtype == "mixed" else
+                      f"weights and activations in {args.dtype}", "probe_fit": "float32 features, float64 solve"},
         "best_accuracy": float(accuracy.max()), "median_accuracy": float(accuracy.median()),
         "probe": f"LogisticRegression(C={C}) per head (batched, preconditioned CG), fit on train, accuracy on val",
         "sigma": "population std of o . u over train+val probe inputs", "run": runfiles.run_info(args)})

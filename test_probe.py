@@ -168,6 +168,7 @@ def test_end_to_end_tiny_llama_cache_reuse_refusal_and_resume(tmp_path, monkeypa
     tensors = load_file(f"{out}/probe.safetensors")
     assert meta["geometry"] == vars(geo) and meta["model"] == "tiny-llama" and meta["seed"] == 0
     assert meta["fingerprint"] == heads.fingerprint(model) and meta["prompt_format"] == "random_question"
+    assert meta["precision"]["dtype"] == "float32"
     assert sorted(map(tuple, meta["ranking"])) == heads.parse_heads("all", geo)
     assert heads.parse_heads("top:3", geo, probe=out) == sorted(map(tuple, meta["ranking"][:3]))
     L, H, D = geo.n_layers, geo.n_heads, geo.head_dim
