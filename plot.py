@@ -29,8 +29,10 @@ import textwrap
 import numpy as np
 
 import report
+import results
 import runfiles
-from report import has, knob
+from edit_checks import convergence
+from results import has, knob
 
 LABELS = {"info_truth": "Info*Truth (product of the two rates)", "truth": "Truth (fraction judged true)",
           "info": "Info (fraction judged informative)", "mc1": "MC1 (fraction)", "mc2": "MC2 (mass on true answers)",
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("what is drawn")
     g.add_argument("--claimed", default=None, help="head spec on trial, exactly as the edits were made with it "
                    "(default: the one top:K in the results); an explicit L.H,L.H list matches by its heads")
-    g.add_argument("--metric", default=None, choices=report.METRICS,
+    g.add_argument("--metric", default=None, choices=results.METRICS,
                    help="score of a head set, best over its grid (default: info_truth when judged, else mc2)")
     g.add_argument("--n-best-single", type=int, default=3, help="single heads drawn against the claimed set (fig 4)")
     g.add_argument("--level", type=float, default=0.05, help="significance level marked in the histograms")
@@ -69,7 +71,7 @@ def missing(sweep, *metrics):
 
 def error_bars(points, metric, values):
     """[[below], [above]] distances to each point's 95% interval, or None where any point lacks rows."""
-    cis = [report.interval(metric, p) for p in points]
+    cis = [results.interval(metric, p) for p in points]
     if not points or None in cis:
         return None
     return [[v - lo for v, (lo, _) in zip(values, cis)], [hi - v for v, (_, hi) in zip(values, cis)]]
@@ -95,7 +97,7 @@ def curves_panel(sweep, lines, x, y, title):
             for p in points if annotate else []:  # the grid value beside each point
                 ax.annotate(f"{knob(method)}={p['grid']:g}", (p[x], p[y]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points", color=style.get("color"))
-        base = report.baseline(sweep, None) or {}
+        base = results.baseline(sweep, None) or {}
         if base.get(x) is not None and base.get(y) is not None:
             ax.errorbar([base[x]], [base[y]], xerr=error_bars([base], x, [base[x]]),
                         yerr=error_bars([base], y, [base[y]]), fmt="k*", ms=11, label="unedited", zorder=5,
@@ -142,7 +144,7 @@ def hist_panel(sweep, method, claimed, pool, metric, pool_name, title, level, ma
 
 def convergence_panel(sweep, claimed, field, threshold):
     """IPO validation loss (or margin, with each target 1/(2 tau) dashed) along each edit's log, by head set role."""
-    logs = [(spec, report.convergence(p, threshold)) for (method, spec), points in sorted(sweep["curves"].items())
+    logs = [(spec, convergence(p, threshold)) for (method, spec), points in sorted(sweep["curves"].items())
             if method.startswith("ipo") for p in points]
     logs = [(spec, c) for spec, c in logs if c and len(c[field]) > 1]
     if not logs:
@@ -170,7 +172,7 @@ def convergence_panel(sweep, claimed, field, threshold):
 
 def calibration_panel(sweep, method, claimed, metric, level):
     """The leave-one-out p-values of the random sets (each on trial against the others) and the share <= level."""
-    pool = report.roles(sweep, claimed)["random"]
+    pool = results.roles(sweep, claimed)["random"]
     result = report.trial(sweep, method, claimed, pool, metric, level)
     c = result.get("calibration")
     if not c:
@@ -199,8 +201,8 @@ def best_score(sweep, method, spec, metric):
 def figures(sweep, claimed, metric, args):
     """[(file name, title, [(panel name, panel)])]: the paper's figures 1-5 (method.md section 4), IPO convergence,
     the test's calibration and the ablation."""
-    r, level = report.roles(sweep, claimed), args.level
-    k, base = r["k"], (report.baseline(sweep, None) or {}).get(metric)
+    r, level = results.roles(sweep, claimed), args.level
+    k, base = r["k"], (results.baseline(sweep, None) or {}).get(metric)
     pool_name = f"random {k}-head sets"
     claimed_style = {"color": CLAIMED_COLOR, "lw": 2, "annotate": True, "zorder": 4}
 
@@ -299,24 +301,21 @@ def draw_figure(path, title, panels, provenance):
 
 def main(argv=None):
     args = parse_args(argv)
-    sweep = report.load_results(args.runs)
+    sweep = results.load_results(args.runs)
     out = args.out or os.path.join(args.runs[0], "figures")
     probe = args.probe or next((f"{r}/probe" for r in args.runs if os.path.isdir(f"{r}/probe")), None)
     if not sweep["paths"] and not probe:
         raise SystemExit(f"nothing to plot: no results/*.json and no probe/ under {', '.join(args.runs)}; "
                          "run sweep.py (or evaluate.py) first")
-    metric = args.metric or ("info_truth" if has(sweep, "info_truth") else "mc2")
-    if sweep["paths"] and not has(sweep, metric):
-        raise SystemExit(f"--metric {metric}: no result holds it" + (
-            " (judges were skipped: use --metric mc2)" if metric in ("truth", "info", "info_truth") else ""))
-    claimed = report.claimed_spec(sweep, args.claimed) if sweep["curves"] else None
-    tiny = any("plumbing check" in str(p["key"].get("model")) for c in sweep["curves"].values() for p in c)
+    metric = results.choose_metric(sweep, args.metric)
+    claimed = results.claimed_spec(sweep, args.claimed) if sweep["curves"] else None
+    tiny = results.is_plumbing_check(sweep)
     model = sweep["model"] + (" [random tiny model: a plumbing check, not a finding]" if tiny else "")
     boxed = [tuple(map(int, h.split("."))) for h in sweep["heads"].get(claimed, [])]
     plan = [("probe_accuracy.png", "probe accuracy by head" + (f", {claimed} boxed" if boxed else ""),
              [("heatmap", heatmap_panel(probe, boxed))])]
     if claimed:
-        k = report.roles(sweep, claimed)["k"]
+        k = results.roles(sweep, claimed)["k"]
         plan += [(name, f"{title} (K={k})", panels) for name, title, panels in figures(sweep, claimed, metric, args)]
     provenance, log = runfiles.run_info(args), {"drawn": [], "skipped": {}}
     for name, title, panels in plan:

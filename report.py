@@ -7,7 +7,8 @@ the same size, p = (1 + #{random >= claimed}) / (1 + n). The verdict is "stands 
 stand out" only when p could have reached the level (n >= 19 at 0.05) and the random sets differ by more than the
 noise of one score; otherwise "inconclusive", with what would make it conclusive. Every metric carries a percentile
 bootstrap interval over questions (from the rows in NAME.jsonl beside each NAME.json); comparisons are paired on the
-same questions.
+same questions. Reading and guarding the result files, and the intervals: results.py; the per-edit checks (non-answers,
+repeated answers, IPO convergence): edit_checks.py.
 
 Reads:  RUN/results/**/*.json (evaluate.py; the unedited baseline has edit null), NAME.jsonl beside each, and for IPO
         the training log NAME.log.json beside each edit file.
@@ -20,31 +21,19 @@ Writes: RUN/report.md and RUN/report.json (strict JSON) in the first run folder 
     python report.py --runs runs/smollm2
 """
 import argparse
-import collections
-import glob
-import json
 import math
 import os
-import re
 
 import numpy as np
 from scipy import stats
 
 import runfiles
+from edit_checks import edit_section
+from results import (METRICS, N_RESAMPLES, baseline, check_poolable, choose_metric, claimed_spec, common_grid,
+                     grid_order, has, interval, is_plumbing_check, knob, load_results, num, roles, with_ci)
 
-METRICS = ("info_truth", "truth", "info", "mc1", "mc2", "mc3")  # higher is better: usable as the test's metric
 COLUMNS = ("mc1", "mc2", "mc3", "truth", "info", "info_truth")  # the headline table's order
-ROW_METRICS = ("mc1", "mc2", "mc3", "truth", "info")  # per-question columns of NAME.jsonl; Info*Truth is their product
-GRID = {"iti": "alpha", "ipo": "tau", "ablate": "alpha"}  # the knob each method sweeps (an ablation: none, or a scale)
 DROP = {"ablate"}  # methods whose score is the loss from the unedited model: a larger drop = more necessary heads
-N_RESAMPLES = 2000  # bootstrap resamples of the questions (seeded: the same intervals on every run)
-# The non-answer rule: an answer is a non-answer when no word is left after removing the question's words and these
-# function words and hedges ("I have no comment.", "The answer is no.", "It depends." are non-answers)
-HEDGES = set("""a an the this that these those it its it's there here is are was were be been being am do does did have
-has had i i'm you we they he she me my your our their his her what which who whom when where why how to of in on at by
-for with from as about into than then so and or but if not no yes nor can could may might must shall should will would
-answer question questions comment comments know knows known sure unknown unclear depends depend idea cannot can't don't
-doesn't isn't aren't maybe perhaps possibly probably certain certainly really just very also""".split())
 
 
 def parse_args(argv=None):
@@ -69,46 +58,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---- Statistics
-
-def score(columns, metric):
-    """A metric from per-question columns {name: [..., n_questions]}: the mean over the last axis; Info*Truth is the
-    product of the two means (the paper's headline number), not the mean of the products."""
-    if metric == "info_truth":
-        return columns["truth"].mean(-1) * columns["info"].mean(-1)
-    return columns[metric].mean(-1)
-
-
-def bootstrap(columns, statistic, n_resamples=N_RESAMPLES, seed=0, level=0.95):
-    """Percentile bootstrap over questions: draw n_resamples samples of the n questions with replacement (the same
-    draw for every column, so paired columns stay paired), recompute `statistic` on each, return the (lo, hi)
-    quantiles. columns: {name: [n]}; statistic: {name: [n_resamples, n]} -> [n_resamples]."""
-    n = len(next(iter(columns.values())))
-    draw = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))  # [n_resamples, n] question indices
-    values = statistic({name: np.asarray(c, dtype=float)[draw] for name, c in columns.items()})
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def row_columns(rows, metric):
-    """{name: [n]} the per-question columns `metric` is computed from, or None when a row lacks one; ValueError on a
-    non-finite value."""
-    needs = ("truth", "info") if metric == "info_truth" else (metric,)
-    if not rows or any(r.get(name) is None for r in rows for name in needs):
-        return None
-    columns = {name: np.array([r[name] for r in rows], dtype=float) for name in needs}
-    if not all(np.isfinite(c).all() for c in columns.values()):
-        raise ValueError(f"a non-finite {metric}")
-    return columns
-
-
-def intervals(rows, metrics=METRICS, n_resamples=N_RESAMPLES, seed=0, level=0.95):
-    """{metric: [lo, hi]} over the per-question rows of one evaluation (evaluate.py's NAME.jsonl), None for a metric
-    the rows lack; a non-finite value is a ValueError."""
-    columns = {metric: row_columns(rows, metric) for metric in metrics}
-    return {metric: c and list(bootstrap(c, lambda d, m=metric: score(d, m), n_resamples, seed, level))
-            for metric, c in columns.items()}
-
+# ---- The rank test, its verdict and its calibration
 
 def rank_test(claimed, random_values):
     """One-sided permutation (rank) test of 'the claimed set scores higher than random sets'.
@@ -161,175 +111,7 @@ def calibration(pool, level):
     return {"p": p, "n": len(p), "share": k / len(p), "interval": share_interval(k, len(p))}
 
 
-# ---- Result files
-
-def read_json(path, fix="delete it (or move it out of results/) and rerun evaluate.py for that edit"):
-    """A JSON file, or a sentence naming the file (and `fix`) when it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path} is not valid JSON ({e}): {fix}") from None
-
-
-def method_label(edit):
-    """'iti' / 'ipo' / 'ablate' for the paper's variants; other variants (a probe direction, an offset) kept apart."""
-    method = edit.get("method", "?")
-    variant = edit.get("direction", "mass_mean") if method == "iti" else edit.get("param", "lora1")
-    return method if method not in ("iti", "ipo") or variant in ("mass_mean", "lora1") else f"{method}-{variant}"
-
-
-def pool_key(result):
-    """What must be equal for two results to be compared: the evaluation settings (less the per-edit rows key, the
-    data file's version in place of its path) and the split seed."""
-    settings = dict(result.get("settings") or {})
-    settings.pop("rows_key", None)
-    data = ((result.get("run") or {}).get("data") or {})
-    if data.get("sha256") or data.get("version"):
-        settings["data"] = data.get("sha256") or data.get("version")
-    return settings
-
-
-def load_results(runs):
-    """{'baselines': [point], 'curves': {(method, head_spec): [point, ...] sorted by grid value}, 'heads', 'paths',
-    'model'}; a point is {'grid', 'path', 'key', **metrics}."""
-    paths = sorted(p for run in runs for p in glob.glob(os.path.join(run, "results", "**", "*.json"), recursive=True))
-    baselines, curves, heads, models_seen = [], {}, {}, set()
-    for path in paths:
-        result = read_json(path)
-        if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or "edit" not in result:
-            print(f"skipping {path}: not a result file of evaluate.py")
-            continue
-        point = {**result["metrics"], "path": path, "key": pool_key(result), "edit_file": result.get("edit_file")}
-        edit = result["edit"]
-        models_seen.add((point["key"].get("model") or {}).get("model") or (edit or {}).get("model") or
-                        ((result.get("run") or {}).get("args") or {}).get("model") or "unknown model")
-        if edit is None:
-            baselines.append(dict(point, grid=None))
-            continue
-        method = method_label(edit)
-        key = (method, edit.get("head_spec", ",".join(edit.get("heads", []))))
-        point["grid"] = edit.get(knob(method))
-        points = curves.setdefault(key, [])
-        if any(p["grid"] == point["grid"] for p in points):
-            print(f"skipping {path}: {key[0]} {key[1]} at {point['grid']} was already read")
-            continue
-        points.append(point)
-        heads[key[1]] = edit.get("heads", [])
-    for points in curves.values():
-        points.sort(key=lambda p: (p["grid"] is None, p["grid"] or 0))
-    return {"baselines": baselines, "curves": curves, "heads": heads, "paths": paths,
-            "model": " / ".join(sorted(models_seen)) or "unknown model"}
-
-
-_ROWS = {}
-
-
-def rows(point):
-    """{question: row} from NAME.jsonl beside the result (read once); None when it is missing."""
-    path = point["path"][:-len(".json")] + ".jsonl"
-    stat = os.stat(path) if os.path.isfile(path) else None
-    path = (path, stat and (stat.st_mtime_ns, stat.st_size))  # a rewritten file is read again
-    if path not in _ROWS:
-        if stat is None:
-            _ROWS[path] = None
-        else:
-            try:
-                with open(path[0]) as f:
-                    found = {r["question"]: r for r in map(json.loads, filter(str.strip, f))}
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise SystemExit(f"{path[0]} holds a line that is not a per-question row ({e}): rerun evaluate.py "
-                                 "for that edit") from None
-            if point.get("n_questions") not in (None, len(found)):
-                raise SystemExit(f"{path[0]} holds {len(found)} rows but {point['path']} scored {point['n_questions']} "
-                                 "questions: rerun evaluate.py for that edit")
-            _ROWS[path] = found
-    return _ROWS[path]
-
-
-def columns(point, metric, questions):
-    """{name: [n]} per-question columns of `metric` at `point`, in the order of `questions`; None without them."""
-    found = rows(point)
-    try:
-        return found and row_columns([found[q] for q in questions], metric)
-    except ValueError as e:
-        raise SystemExit(f"{point['path'][:-5]}.jsonl holds {e}: rerun evaluate.py for that edit") from None
-
-
-def has(sweep, metric):
-    points = [p for c in sweep["curves"].values() for p in c] + sweep["baselines"]
-    return any(p.get(metric) is not None for p in points)
-
-
-def claimed_spec(sweep, claimed):
-    """The head spec on trial: --claimed, matched to the specs in the results, or the one top:K found there."""
-    specs = sorted({spec for _, spec in sweep["curves"]})
-    if claimed is None:
-        tops = [s for s in specs if s.startswith("top:")]
-        if len(tops) != 1:
-            raise SystemExit(f"cannot choose the claimed head set: the results hold {len(tops)} top:K specs "
-                             f"({', '.join(tops) or 'none'}); pass --claimed SPEC (one of: {', '.join(specs)})")
-        return tops[0]
-    if claimed in specs:
-        return claimed
-    wanted = sorted(claimed.replace("single:", "").split(","))
-    for spec in specs:
-        if sorted(sweep["heads"].get(spec, [])) == wanted and not spec.startswith("random:"):
-            return spec
-    raise SystemExit(f"--claimed {claimed}: no result was made at those heads; the results hold {', '.join(specs)}")
-
-
-def roles(sweep, claimed):
-    """The head specs playing each part in the test, from the head counts recorded in the edits."""
-    k = len(sweep["heads"].get(claimed, [])) or None
-    specs = sorted({spec for _, spec in sweep["curves"]})
-    size = lambda s: len(sweep["heads"].get(s, []))  # noqa: E731
-    return {"k": k, "random": [s for s in specs if s.startswith("random:") and size(s) == k and s != claimed],
-            "single": [s for s in specs if size(s) == 1 and s != claimed and s != "all"]}
-
-
-def baseline(sweep, like):
-    """The unedited result evaluated like the point `like` (same settings), or None."""
-    return next((b for b in sweep["baselines"] if like is None or b["key"] == like["key"]), None)
-
-
-# ---- Guards and the trial
-
-def check_poolable(points):
-    """Refuse to put results evaluated differently (settings, split seed, model, data version, questions) in one
-    trial, naming two of the files."""
-    first = points[0]
-    for p in points[1:]:
-        differ = sorted(k for k in set(p["key"]) | set(first["key"]) if p["key"].get(k) != first["key"].get(k))
-        if not differ and None not in (rows(p), rows(first)) and set(rows(p)) != set(rows(first)):
-            differ = ["the questions scored"]
-        if differ:
-            raise SystemExit(f"{first['path']} and {p['path']} were evaluated differently ({', '.join(differ)}), so "
-                             "they are never compared in one trial: evaluate every edit with the same settings, or "
-                             "pass --runs with only the runs made alike")
-
-
-def knob(method):
-    """The grid's name for a method ('alpha', 'tau'); a variant ('ipo-offset') sweeps its method's knob."""
-    return GRID.get(method.split("-")[0], "grid")
-
-
-def fmt_grid(values):
-    return ", ".join("none" if g is None else f"{g:g}" for g in sorted(values, key=lambda g: (g is None, g or 0)))
-
-
-def common_grid(sweep, method, specs):
-    """The grid values every set has; prints a line naming the values dropped and the sets that lack them."""
-    grids = {s: {p["grid"] for p in sweep["curves"][(method, s)]} for s in specs}
-    common = set.intersection(*grids.values())
-    name = knob(method)
-    for g in sorted(set.union(*grids.values()) - common, key=lambda g: (g is None, g or 0)):
-        lacking = [s for s in specs if g not in grids[s]]
-        print(f"{method}: {name} {fmt_grid([g])} is left out of the test: {len(lacking)} set(s) lack it "
-              f"({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}); the test uses {name} "
-              f"{fmt_grid(common) or 'nothing'}")
-    return common
-
+# ---- The trial: the claimed set against a pool of head sets
 
 def set_score(sweep, method, spec, metric, grid, base):
     """(score, point): the set's best score over `grid` (for an ablation: the largest drop from the unedited model).
@@ -347,22 +129,6 @@ def set_score(sweep, method, spec, metric, grid, base):
         if best is None or value > best:
             best, at = value, p
     return best, at
-
-
-def interval(metric, point, minus=None, opts=None):
-    """95% interval of `metric` at `point`, or of the paired difference point - minus on the same questions; None
-    without per-question rows. opts: (resamples, seed)."""
-    questions = sorted(rows(point) or [])
-    a = columns(point, metric, questions) if questions else None
-    b = columns(minus, metric, questions) if minus is not None and a else None
-    if a is None or (minus is not None and b is None):
-        return None
-    both = {**{("a", k): v for k, v in a.items()}, **{("b", k): v for k, v in (b or {}).items()}}
-
-    def statistic(c):  # the same resampled questions for both sides: a paired difference
-        side = lambda tag: {k: v for (t, k), v in c.items() if t == tag}  # noqa: E731
-        return score(side("a"), metric) - (score(side("b"), metric) if b else 0)
-    return list(bootstrap(both, statistic, *(opts or (N_RESAMPLES, 0))))
 
 
 def trial(sweep, method, claimed, pool, metric, level, opts=None, descriptive=False, grid=None):
@@ -393,7 +159,7 @@ def trial(sweep, method, claimed, pool, metric, level, opts=None, descriptive=Fa
     test = rank_test(claimed_score, values)
     out = {"metric": metric, "score": "drop from unedited" if drop else "best over the grid", "claimed": claimed_score,
            "claimed_ci": ci[claimed], "claimed_at": {knob(method): at["grid"]},
-           "claimed_path": at["path"], "grid": sorted(grid, key=lambda g: (g is None, g or 0)),
+           "claimed_path": at["path"], "grid": sorted(grid, key=grid_order),
            "pool": {s: v for s, (v, _) in scored.items()}, "pool_ci": {s: ci[s] for s in scored},
            "n": len(values), "min": min(values), "median": float(np.median(values)), "max": max(values),
            "rank_test": test, "noise_floor": noise, "spread": spread,
@@ -410,66 +176,10 @@ def trial(sweep, method, claimed, pool, metric, level, opts=None, descriptive=Fa
     return out
 
 
-# ---- Per edit: non-answers, repeated answers, IPO convergence
-
-def words(text):
-    return re.findall(r"[a-z0-9']+", (text or "").lower().replace("\u2019", "'"))
-
-
-def is_non_answer(question, answer):
-    """No word left once the question's words (a trailing s ignored) and the HEDGES list are removed."""
-    asked = {w.rstrip("s") for w in words(question)}
-    return not [w for w in words(answer) if w not in HEDGES and w.rstrip("s") not in asked]
-
-
-def answer_shares(point):
-    """{'non_answers', 'repeated', 'most_common'}: the share of non-answers and of the most common answer, or None."""
-    found = rows(point)
-    if not found or any("answer" not in r for r in found.values()):
-        return None
-    answers = [" ".join(words(r["answer"])) for r in found.values()]
-    common, count = collections.Counter(answers).most_common(1)[0]
-    return {"non_answers": float(np.mean([is_non_answer(q, r["answer"]) for q, r in found.items()])),
-            "repeated": count / len(answers), "most_common": common}
-
-
-def convergence(point, threshold):
-    """For an IPO edit, from NAME.log.json beside its edit file: {'converged', 'change' (last relative change of the
-    validation loss), 'moved' (its relative fall from the first entry), 'val_margin', 'target' (1/(2 tau))}; None
-    without a log. Converged: the loss fell (moved >= threshold) and levelled off (change < threshold)."""
-    stem = (point.get("edit_file") or "").removesuffix(".safetensors")
-    here = os.path.join(os.path.dirname(os.path.dirname(point["path"])), "edits", os.path.basename(stem) + ".log.json")
-    path = next((p for p in (stem + ".log.json", here) if stem and os.path.isfile(p)), None)
-    if path is None:
-        return None
-    log = read_json(path, "delete it and train that IPO edit again (ipo_edit.py), or move it away")
-    lists = [v for v in log.values() if isinstance(v, list)] if isinstance(log, dict) else []
-    curve = max(([e for e in v if isinstance(e, dict) and e.get("val_loss") is not None] for v in lists),
-                key=len, default=[])
-    tau = log.get("tau") if isinstance(log, dict) else None
-    out = {"log": path, "target": 1 / (2 * tau) if tau else None, "val_margin": curve[-1].get("val_margin")
-           if curve else None, "val_loss": [e["val_loss"] for e in curve],
-           "val_margins": [e.get("val_margin") for e in curve]}
-    if len(curve) < 2:
-        return dict(out, converged=None, change=None, moved=None)
-    first, before, last = curve[0]["val_loss"], curve[-2]["val_loss"], curve[-1]["val_loss"]
-    change = abs(last - before) / max(abs(before), 1e-12)
-    moved = (first - last) / max(abs(first), 1e-12)  # a loss that never fell has not converged: it has not trained
-    return dict(out, converged=bool(change < threshold and moved >= threshold), change=change, moved=moved)
-
-
 # ---- The report
 
 NAMES = {"iti": "ITI", "ipo": "IPO", "ablate": "Ablation"}
 ABOUT = {"iti": "the heuristic edit", "ipo": "the optimal edit", "ablate": "what is lost when the heads are removed"}
-
-
-def num(v):
-    return "n/a" if v is None else f"{v:.3g}"
-
-
-def with_ci(v, ci):
-    return num(v) + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
 
 
 def in_order(method):
@@ -524,6 +234,7 @@ def headline(sweep, claimed, metric, opts):
 
 
 def trial_lines(trials):
+    """The trials table: per trial and metric, the claimed score [CI], the pool, the rank test and the verdict."""
     lines = ["| trial | metric | claimed [CI] (at) | random min / median / max | n | rank | p | noise floor | spread "
              "| claimed - random: above / below | verdict |", "|" + "---|" * 11]
     for name, by_metric in trials.items():
@@ -541,6 +252,8 @@ def trial_lines(trials):
 
 
 def verdict_lines(trials, k):
+    """The verdict in words: per trial under each metric, a warning where the metrics disagree, and what the optimal
+    edit's (IPO's) verdict says of localization."""
     lines = []
     for name, by_metric in trials.items():
         tested = {m: t for m, t in by_metric.items() if "missing" not in t}
@@ -577,9 +290,9 @@ def report(sweep, claimed, metric, args):
                         opts)
     table, headline_rows = headline(sweep, claimed, metric, opts)
     edit_lines, edits = edit_section(sweep, metric, opts, args.converged)
-    tiny = any("plumbing check" in str(p["key"].get("model")) for c in sweep["curves"].values() for p in c)
     lines = [f"# Localization report: `{claimed}` on {sweep['model']}", "",
-             *["**A random tiny model: every number below is a plumbing check, not a finding.**", ""] * tiny,
+             *["**A random tiny model: every number below is a plumbing check, not a finding.**", ""] *
+             is_plumbing_check(sweep),
              f"Claimed head set `{claimed}` ({k} heads: {', '.join(sweep['heads'].get(claimed, []))}), on trial "
              f"against random {k}-head sets. Every number carries its 95% bootstrap interval over questions "
              f"({args.resamples} resamples, seed {args.seed}); a difference between edits is paired on the same "
@@ -632,41 +345,6 @@ def test_section(trials, metric, level):
                     f" at level {level}."]
 
 
-def edit_section(sweep, metric, opts, threshold):
-    """(lines, rows): per edit the metric and MC2 with intervals, the shares of non-answers and repeated answers,
-    and for IPO whether the training converged."""
-    lines = ["", "## Per edit", "", "Non-answer: an answer with no word left once the question's words and a short "
-             "list of function words and hedges (report.HEDGES) are removed: 'I have no comment.' and 'The answer is "
-             "no.' are non-answers. Repeated: the share of the most common answer. Converged (IPO): the validation "
-             f"loss fell by at least {threshold:.0%} from its first entry and changed by less than {threshold:.0%} "
-             "over the last logged interval; margin: the final validation margin against the IPO target "
-             "1/(2 tau).", "",
-             "| edit | " + " | ".join(f"{m} [CI]" for m in dict.fromkeys([metric, "mc2"])) +
-             " | non-answers | repeated | converged | margin / target |", "|---" * (6 + (metric != "mc2")) + "|"]
-    natural = lambda key: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", " ".join(key))]  # noqa: E731
-    points = [("unedited", b) for b in sweep["baselines"]] + [
-        (f"{m} {s}" + ("" if p["grid"] is None else f" {knob(m)} {p['grid']:g}"), p)
-        for (m, s), pts in sorted(sweep["curves"].items(), key=lambda item: natural(item[0])) for p in pts]
-    rows_, pct = [], lambda v: f"{v:.0%}"  # noqa: E731
-    for label, p in points:
-        shares = answer_shares(p)
-        conv = convergence(p, threshold) if label.startswith("ipo") else None
-        ci = {m: interval(m, p, None, opts) for m in dict.fromkeys([metric, "mc2"])}
-        rows_.append({"edit": label, "path": p["path"], **{m: runfiles.finite_or_none(p.get(m)) for m in ci},
-                      "intervals": ci, "answers": shares, "convergence": conv})
-        said = "" if conv is None else {True: "yes", False: "**no**", None: "no curve"}[conv["converged"]] + (
-            f" (last {conv['change']:.1%}, fell {conv['moved']:.0%})" if conv["change"] is not None else "")
-        margin = f"{conv['val_margin']:.3g} / {conv['target']:.3g}" if conv and conv["val_margin"] is not None \
-            and conv["target"] else ""
-        lines.append(f"| {label} | " + " | ".join(with_ci(p.get(m), ci[m]) for m in ci) + " | " +
-                     (f"{pct(shares['non_answers'])} | {pct(shares['repeated'])}" if shares else "n/a | n/a") +
-                     f" | {said} | {margin} |")
-    unconverged = [r["edit"] for r in rows_ if (r["convergence"] or {}).get("converged") is False]
-    lines += ["", f"**Unconverged IPO results** ({len(unconverged)}): {', '.join(unconverged)}. Their scores "
-              "understate what the optimal edit can do at those heads."] * bool(unconverged)
-    return lines, rows_
-
-
 def main(argv=None):
     args = parse_args(argv)
     if not 0 < args.level < 1 or args.resamples < 100:
@@ -675,10 +353,7 @@ def main(argv=None):
     if not sweep["curves"]:
         raise SystemExit(f"no edited results under {', '.join(args.runs)}: run sweep.py (or iti.py / ipo_edit.py "
                          "and evaluate.py) first")
-    metric = args.metric or ("info_truth" if has(sweep, "info_truth") else "mc2")
-    if not has(sweep, metric):
-        raise SystemExit(f"--metric {metric}: no result holds it" + (
-            " (judges were skipped: use --metric mc2)" if metric in ("truth", "info", "info_truth") else ""))
+    metric = choose_metric(sweep, args.metric)
     text, numbers = report(sweep, claimed_spec(sweep, args.claimed), metric, args)
     provenance = runfiles.run_info(args)
     folder = args.out or args.runs[0]

@@ -136,8 +136,8 @@ def test_plot_report_flag_runs_report_py_on_the_planted_sweep(judged):
 
 def test_histogram_and_calibration_panels_use_the_report_numbers(judged):
     run, _ = judged
-    sweep = plot.report.load_results([run])
-    pool = plot.report.roles(sweep, "top:4")["random"]
+    sweep = plot.results.load_results([run])
+    pool = plot.results.roles(sweep, "top:4")["random"]
     assert callable(plot.hist_panel(sweep, "iti", "top:4", pool, "info_truth", "random sets", "t", 0.05))
     assert callable(plot.calibration_panel(sweep, "iti", "top:4", "mc2", 0.05))
     assert plot.convergence_panel(sweep, "top:4", "val_loss", 0.05) != "no IPO training log with a validation curve " \
