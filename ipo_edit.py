@@ -14,7 +14,7 @@ on disk, and shared by every tau. Validation loss and margin on pairs of the VAL
 products in bf16); the edit, its optimizer state, the log-softmax and the sums of log-probs stay float32.
 
 Reads:  --data TruthfulQA.csv, --model, --probe RUN/probe (for --heads top:K; it must be of this model).
-Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all", tau, param, lr, settings, the log),
+Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all", tau, param, lr, settings, precision),
         a training log beside it (NAME.log.json, written first: a kill between the two loses nothing), a checkpoint
         while training (NAME.ckpt: edit + optimizer, every --checkpoint-every steps; a killed run resumes from it),
         and the reference log-probs in a cache folder (default: cache/ in the folder of --out). --out is a file (one
@@ -300,8 +300,8 @@ def settings_of(args, head_list, tau, lr, n_pairs, n_val_pairs):
 
 
 def existing_edit(path, settings):
-    """True when `path` holds an edit made with `settings` (its log rewritten if it went missing); False, with a line
-    saying why, when it holds one made otherwise; None when there is none."""
+    """True when `path` holds an edit made with `settings`; False, with a line saying why, when it holds one made
+    otherwise (or unreadable); None when there is none."""
     from safetensors import safe_open
     if not os.path.exists(path):
         return None
@@ -313,7 +313,8 @@ def existing_edit(path, settings):
     old = meta.get("settings") or {}
     changed = [k for k in settings if old.get(k) != settings[k]]
     if changed:
-        what = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in changed if k != "data") or "other --data"
+        what = ("it records none" if not old else ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in changed
+                                                             if k != "data") or "other --data")
         print(f"tau={settings['tau']}: {path} was trained with other settings ({what}): training it again")
         return False
     print(f"tau={settings['tau']}: {path} exists with these settings, skipped (delete it to retrain)")
