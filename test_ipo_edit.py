@@ -371,3 +371,19 @@ def test_an_edit_with_other_settings_is_trained_again_and_a_lost_log_is_not_lost
     run(tmp_path, data, *common, "--max-pairs", "8")
     assert "resuming tau=0.3" in capsys.readouterr().out  # from the checkpoint at the last step: no step again
     assert json.load(open(out + ".log.json"))["meta"]["n_pairs"] == 8
+
+
+def test_the_fast_precision_trains_from_its_own_reference_and_says_so(tmp_path, fixture_csv):
+    """--dtype mixed (bf16 linears): pi0 is computed at the same precision, so step 0 sits exactly at h = 0 (loss
+    1/(2 tau)^2); the edit and its log record the precision; float32 and mixed references are cached apart."""
+    data = fixture_csv(tmp_path / "t.csv", n=10)
+    common = ["--heads", "0.1,2.3", "--max-pairs", "4", "--max-val-pairs", "4", "--epochs", "1", "--tau", "0.5"]
+    out = run(tmp_path, data, *common, "--dtype", "mixed") + "ipo-0.1_2.3-t0.5"
+    log = json.load(open(out + ".log.json"))
+    assert log["steps"][0]["loss"] == pytest.approx(1.0, abs=1e-6) and log["val"][0]["val_margin"] == 0
+    assert log["meta"]["precision"]["dtype"] == "mixed" and "bf16" in log["meta"]["precision"]["note"]
+    with safe_open(out + ".safetensors", "pt") as f:
+        edit_meta = json.loads(f.metadata()["edit"])
+    assert edit_meta["settings"]["dtype"] == "mixed" and edit_meta["precision"]["dtype"] == "mixed"
+    run(tmp_path, data, *common, "--out", str(tmp_path / "run" / "edits" / "f32.safetensors"))
+    assert len(os.listdir(tmp_path / "run" / "edits" / "cache")) == 4  # train and val, at each precision
