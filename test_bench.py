@@ -2,7 +2,6 @@
 
 Run: python -m pytest -q test_bench.py
 """
-import argparse
 import json
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 import bench
 import evaluate
 import ipo_edit
-import models
 
 torch.set_num_threads(1)
 SMALL = ["--quick", "--threads", "1", "--repeats", "1", "--batch-size", "2", "--n-prompts", "4", "--n-questions", "2",
@@ -22,10 +20,7 @@ def test_every_row_agrees_with_its_reference(tmp_path):
     """Each row's two sides do the same work and agree: the same outputs (rows 1-5, 9), or agreement within the
     row's stated tolerance (rows 6-8: bf16 vs float32). The timings are not asserted: they are what the row reports."""
     rows = bench.main(SMALL + ["--json", str(tmp_path / "bench.json")])
-    dtypes = argparse.ArgumentParser()
-    models.add_model_args(dtypes)
-    fast = "mixed" in next(a.choices for a in dtypes._actions if a.dest == "dtype")  # rows 6-8 need models' mixed
-    assert [r["stage"].split()[0] for r in rows] == ["1", "2", "3", "4", "5", *(["6", "7", "8"] if fast else []), "9"]
+    assert [r["stage"].split()[0] for r in rows] == ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
     for r in rows:
         assert r["match"] is True, r
         assert r["threads"] == 1 and r["matrix_units"] in ("AMX-BF16", "AVX512-BF16", "AMX-BF16+AVX512-BF16", "none")
