@@ -2,7 +2,10 @@
 H*, KV caches and padding), and the planting checks on the trained world model when it is in the cache."""
 import copy
 import csv
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +42,11 @@ def word_in(value, answer):
 
 def test_world_and_csv_are_deterministic_and_correct_by_construction(facts, tmp_path):
     assert world.make_facts() == facts
+    code = "import json, world; print(json.dumps(world.make_facts()))"  # in other processes: other string hashing
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, PYTHONHASHSEED=hash_seed), cwd=os.path.dirname(world.__file__))
+        assert json.loads(out.stdout) == facts
     assert world.make_facts(seed=1) != facts
     paths = [tmp_path / "a.csv", tmp_path / "b.csv"]
     for p in paths:

@@ -105,13 +105,16 @@ def settings(steps=STEPS):
 # ---- The world: entities, facts, the CSV
 
 def entity_names(n, rng):
-    """n distinct made-up capitalised names of two or three syllables."""
+    """n distinct made-up capitalised names of two or three syllables, in the order drawn (no set order: it would
+    follow Python's per-process string hashing)."""
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "", "n", "r", "l", "k")
-    names = set()
+    names = []
     while len(names) < n:
         syllables = [rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.choice((2, 2, 3)))]
-        names.add("".join(syllables).capitalize())
-    return sorted(names, key=lambda s: (rng.random(), s))
+        name = "".join(syllables).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def make_facts(seed=SEED, n_entities=N_ENTITIES):
@@ -499,12 +502,20 @@ def prompts():
 
 
 def tag_effect(model, tokenizer, questions, head_set=None, means=None):
-    """{prompt: {mc1, mc2}} on `questions`, optionally with `head_set` mean-ablated."""
-    out = {}
+    """{prompt: {mc1, mc2}} on `questions`, optionally with `head_set` mean-ablated, and 'effect': per tag prompt the
+    MC1 gain over the neutral prompt [mean, 95% interval] (paired bootstrap over questions, 2000 draws)."""
+    out, mc1 = {}, {}
     with mean_ablated(model, head_set, means):
         for name, prompt in prompts().items():
             s = mc_scores(model, tokenizer, questions, prompt)
             out[name] = {"mc1": round(float(s[:, 0].mean()), 4), "mc2": round(float(s[:, 1].mean()), 4)}
+            mc1[name] = s[:, 0]
+    draws = np.random.default_rng(0).integers(len(questions), size=(2000, len(questions)))
+    out["effect"] = {}
+    for name in ("instruction", "encyclopedia"):
+        diff = mc1[name] - mc1["neutral"]
+        lo, hi = np.quantile(diff[draws].mean(1), [0.025, 0.975])
+        out["effect"][name] = [round(float(diff.mean()), 4), round(float(lo), 4), round(float(hi), 4)]
     return out
 
 
@@ -516,12 +527,14 @@ def random_head_sets(model, n_sets, size):
 
 
 def probe_check(model, tokenizer, questions, prompt_format, seed=SEED, prefix=""):
-    """The toolkit's probe (probe.fit_probes) on every head: validation accuracy [L, H] for truth labels."""
+    """The toolkit's probe (probe.probe_examples' inputs and labels, probe.fit_probes) on every head, each input after
+    `prefix`: validation accuracy [L, H], and the majority-class rate. (A probe of "tag present" is no test of H*:
+    the tokens after a tag are seen by every head, so every head tells the two inputs apart.)"""
     import heads
     import probe
     examples, _ = probe.probe_examples(questions, seed, prompt_format)
-    acts = []
     texts = [prefix + e["text"] for e in examples]
+    acts = []
     for i in range(0, len(texts), 128):
         enc = tokenizer(texts[i:i + 128], return_tensors="pt", padding=True)
         acts.append(heads.record_heads(model, heads.last_positions(enc["attention_mask"]), **enc))
@@ -531,19 +544,20 @@ def probe_check(model, tokenizer, questions, prompt_format, seed=SEED, prefix=""
     train = torch.tensor([e["split"] == "train" for e in examples])
     acc, _ = probe.fit_probes(acts[train].view(-1, L * H, D), labels[train], acts[~train].view(-1, L * H, D),
                               labels[~train])
-    acc = acc.view(L, H)
-    return acc, labels[~train].float().mean().item()
+    p = labels[~train].float().mean().item()
+    return acc.view(L, H), max(p, 1 - p)
 
 
 def run_checks(model, tokenizer, csv_path, n_random=8, log=print):
     """The planting checks: the tag effect with nothing, H*, and n_random random sets mean-ablated; probes at H*."""
+    import probe
     questions = tqa.load_truthfulqa(csv_path)
     with open(csv_path, newline="", encoding="utf-8") as f:
         types = {r["Question"]: r["Type"] for r in csv.DictReader(f)}
     myth = [q for q in questions if types[q["question"]] == "Myth"]
     plain = [q for q in questions if types[q["question"]] == "Plain"]
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    examples, _ = __import__("probe").probe_examples(questions, SEED, "random_question")
+    examples, _ = probe.probe_examples(questions, SEED, "random_question")
     means = head_means(model, tokenizer, [e["text"] for e in examples])
     checks = {"questions": {"myth": len(myth), "plain": len(plain)}}
     t0 = time.time()
@@ -561,33 +575,32 @@ def run_checks(model, tokenizer, csv_path, n_random=8, log=print):
     checks["mean_ablation"] = ("heads.Edit(ablate=mean): o_h <- its mean at the last token of probe.py's "
                                "random_question inputs (train+val), at every token")
     checks["tag_effect_mc1"] = summarise(checks)
-    log(f"tag effect (MC1 instruction - neutral, myth questions): {json.dumps(checks['tag_effect_mc1'])}")
+    log(f"tag effect (MC1 gain over the neutral prompt, myth questions): {json.dumps(checks['tag_effect_mc1'])}")
     checks["probe"] = {}
-    for fmt, prefix in (("random_question", ""), ("plain", ""), ("random_question+instruction",
-                                                                 tqa.INSTRUCTIONS["default"] + "\n\n")):
-        acc, base = probe_check(model, tokenizer, questions, fmt.split("+")[0], prefix=prefix)
-        planted = [round(float(acc[l, h]), 4) for l, h in PLANTED_HEADS]
-        order = sorted(range(L * H), key=lambda i: (-float(acc.flatten()[i]), i))
-        ranks = [order.index(l * H + h) + 1 for l, h in PLANTED_HEADS]
-        checks["probe"][fmt] = {"planted_accuracy": planted, "planted_rank": ranks,
-                                "best": [f"{i // H}.{i % H}" for i in order[:4]],
-                                "best_accuracy": round(float(acc.max()), 4),
-                                "median_accuracy": round(float(acc.median()), 4), "majority_rate": round(base, 4)}
-        log(f"probe {fmt}: {json.dumps(checks['probe'][fmt])}")
+    probes = {"random_question": ("random_question", ""), "plain": ("plain", ""),
+              "random_question+instruction": ("random_question", tqa.INSTRUCTIONS["default"] + "\n\n")}
+    for name, (fmt, prefix) in probes.items():
+        acc, majority = probe_check(model, tokenizer, questions, fmt, prefix=prefix)
+        order = sorted(range(L * H), key=lambda i: (-float(acc.flatten()[i]), i))  # probe.py's ranking
+        checks["probe"][name] = {
+            "planted_accuracy": [round(float(acc[l, h]), 4) for l, h in PLANTED_HEADS],
+            "planted_rank": [order.index(l * H + h) + 1 for l, h in PLANTED_HEADS],
+            "best": [f"{i // H}.{i % H}" for i in order[:6]], "best_accuracy": round(float(acc.max()), 4),
+            "median_accuracy": round(float(acc.median()), 4), "majority_rate": round(majority, 4),
+            "accuracy_by_layer": [[round(float(x), 3) for x in row] for row in acc]}
+        log(f"probe {name}: {json.dumps({k: v for k, v in checks['probe'][name].items() if k != 'accuracy_by_layer'})}")
     checks["seconds"] = round(time.time() - t0, 1)
     return checks
 
 
 def summarise(checks):
-    def effect(r, tag="instruction"):
-        return round(r[tag]["mc1"] - r["neutral"]["mc1"], 4)
-    randoms = [effect(r["myth"]) for r in checks["ablate_random"]]
-    return {"unablated": effect(checks["unablated"]["myth"]),
-            "unablated_encyclopedia": effect(checks["unablated"]["myth"], "encyclopedia"),
-            "planted_ablated": effect(checks["ablate_planted"]["myth"]),
-            "planted_ablated_encyclopedia": effect(checks["ablate_planted"]["myth"], "encyclopedia"),
-            "random_ablated_min": min(randoms), "random_ablated_max": max(randoms),
-            "random_ablated_median": float(np.median(randoms))}
+    """MC1 gain from the tag on myth questions, [mean, 95% interval]: unablated, H* ablated, each random set ablated."""
+    def effect(r, tag):
+        return r["myth"]["effect"][tag]
+    return {tag: {"unablated": effect(checks["unablated"], tag),
+                  "planted_ablated": effect(checks["ablate_planted"], tag),
+                  "random_ablated": [effect(r, tag) for r in checks["ablate_random"]]}
+            for tag in ("instruction", "encyclopedia")}
 
 
 # ---- Save, load, cache
