@@ -586,15 +586,22 @@ def _holder(lock):
 
 @contextlib.contextmanager
 def locked(targets):
-    """One run per output: a NAME.json.lock beside each result, refused while another live run holds it."""
+    """One run per output: a NAME.json.lock (holding the process id) beside each result, made with O_EXCL; refused
+    while another live run holds it; a stale lock (its process is gone) is taken over."""
     held = []
     try:
         for t in targets:
             lock = t.json + ".lock"
-            if _holder(lock) not in (None, os.getpid()):
+            os.makedirs(os.path.dirname(os.path.abspath(lock)), exist_ok=True)
+            if os.path.exists(lock) and _holder(lock) is None:
+                os.remove(lock)  # stale: its run was killed
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
                 raise SystemExit(f"{t.json} is being written by another evaluate.py run (process {_holder(lock)}, "
-                                 f"{lock}): wait for it to finish, or choose another --out")
-            runfiles.write_text(lock, str(os.getpid()))
+                                 f"{lock}): wait for it to finish, or choose another --out") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
             held.append(lock)
         yield
     finally:
