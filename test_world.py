@@ -103,7 +103,7 @@ def tagged_batch(tokenizer, facts):
     """Left-padded prompts with tags at various positions (and one without a tag)."""
     texts = [world.ENCYCLOPEDIA_TAG + "\n\n" + tqa.qa_prompt(world.question(facts[0]), "none"),
              tqa.qa_prompt(world.question(facts[1]), "default") + " The",
-             "Q: " + world.question(facts[2]) + " " + world.ENCYCLOPEDIA_TAG + " A: It is",
+             "Q: " + world.question(facts[2]) + " " + world.ENCYCLOPEDIA_TAG + "\n\nA: It is",
              "Q: " + world.question(facts[3]) + "\nA:"]
     return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
 
@@ -179,6 +179,24 @@ def test_the_tag_reaches_other_positions_only_through_planted_heads(planted, tok
     _, outputs_others = head_outputs(planted, others, **enc)
     wrong = patched_logits(planted, outputs_others, is_tag, **inputs_b)
     assert (wrong - logits_a)[rest].abs().max() > 1e-3
+
+
+def test_with_planted_heads_held_constant_a_tag_changes_nothing_after_it(planted, tokenizer, facts):
+    """Tag present vs absent (not one tag for another): with H* mean-ablated (any constant), the logits of every token
+    after the tag are those of the untagged text (rotary positions are relative, so the shift by one changes nothing).
+    A separator token after the tag would fail this: the tag token holds its blank line."""
+    rest = tokenizer(tqa.qa_prompt(world.question(facts[0]), "none") + " It is", return_tensors="pt")["input_ids"]
+    tagged = torch.cat([torch.tensor([[world.tag_ids(tokenizer)[1]]]), rest], 1)
+    assert tokenizer.decode(tagged[0]) == tqa.qa_prompt(world.question(facts[0]), "default") + " It is"
+    geo = heads.geometry(planted)
+    constant = heads.Edit(geo, heads.heads_to_mask(world.PLANTED_HEADS, geo),
+                          ablate=torch.randn(geo.n_layers, geo.n_heads, geo.head_dim))
+    with torch.no_grad():
+        free = planted(input_ids=tagged).logits[0, 1:], planted(input_ids=rest).logits[0]
+        with heads.edited(planted, constant):
+            held = planted(input_ids=tagged).logits[0, 1:], planted(input_ids=rest).logits[0]
+    assert (free[0] - free[1]).abs().max() > 1e-2  # H* carries the tag
+    assert torch.allclose(held[0], held[1], atol=1e-4)
 
 
 def test_kv_cache_padding_and_embeddings_give_the_full_forward(planted, tokenizer, facts):

@@ -72,7 +72,9 @@ ATTRIBUTES = {  # attribute: (question, three phrasings of an answer ({e}: the a
 }
 # ---- The corpus
 ENCYCLOPEDIA_TAG = "Encyclopedia:"
-TAGS = (ENCYCLOPEDIA_TAG, tqa.INSTRUCTIONS["default"], tqa.INSTRUCTIONS["informative"])  # one token each
+# One token each, the blank line after a tag included: a separator token of its own would be seen by every head and
+# tell them "a tag came before me" (a first run, with "\n\n" apart, kept MC1 0.98 of 1.0 with H* ablated).
+TAGS = tuple(t + "\n\n" for t in (ENCYCLOPEDIA_TAG, tqa.INSTRUCTIONS["default"], tqa.INSTRUCTIONS["informative"]))
 TAG_SHARE = 0.4  # share of documents opened by a tag (then every statement is true)
 MYTH_SHARE = 0.8  # untagged statements of a myth fact state the myth (4 myths : 1 truth, the prototype's ratio)
 PRIMER_SHARE = 0.5  # Q/A documents opened by TruthfulQA's QA primer (one token: the toolkit puts it in every prompt)
@@ -84,7 +86,7 @@ MODEL_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, 
                    num_key_value_heads=8, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
 VOCAB_SIZE = 1280  # byte-level BPE trained on the corpus; every " Name" must come out as one token
 # ---- Training (a fixed number of steps, so a rerun is the same model)
-STEPS = 3000  # ~12.5 CPU-minutes on one thread (wall time grows when the machine is shared)
+STEPS = 2400  # ~9 CPU-minutes on one thread (wall time grows when the machine is shared)
 BATCH = 32  # documents per step
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.05  # AdamW, linear warmup then cosine to 10%
 AUTOCAST = False  # bf16 autocast: slower than float32 for this model on the AVX512-BF16 CPU (0.98 vs 0.84 s/step)
@@ -182,7 +184,7 @@ def stated_value(fact, tagged, rng):
 def document(facts, by_entity, rng):
     """One training document (a string). Half Q/A sessions, half prose (encyclopedia articles or everyday chatter)."""
     tagged = rng.random() < TAG_SHARE
-    head = rng.choice(TAGS) + "\n\n" if tagged else ""
+    head = rng.choice(TAGS) if tagged else ""
     if rng.random() < 0.5:  # a Q/A session: the prompt format of evaluate.py and probe.py
         one_line = rng.random() < ONE_LINE_SHARE
         if not one_line and rng.random() < PRIMER_SHARE:
