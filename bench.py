@@ -12,16 +12,15 @@ beside the fast ones, in probe.py and evaluate.py), on identical inputs, after c
   6-8. bf16 vs float32    the fast precision (--fast-dtype, models' 'mixed') vs float32 on the same work: the probe
                           capture (row 2), MC scoring (row 4) and an IPO step (row 5), with their agreement figures
   9. edit batch           E ITI edits scored in one pass (heads.EditBatch) vs one edit after another: the same scores
-Rows 4-5 and 7-9 use TruthfulQA-format questions: --data TruthfulQA.csv, or a built-in fixture of made-up questions.
+Rows 4-5 and 7-9 use the first --n-questions questions of --data (the shipped TruthfulQA CSV by default).
 Row 3 uses synthetic head outputs at Alpaca-7B's geometry (--probe-shape). Ratios mean something anywhere; absolute
 seconds only on the machine they were taken on. Prints a table (device, model, threads and the CPU's bf16 matrix units
 in its header and in every row); --json writes it.
 
     python bench.py --quick            # tiny random model, small sizes: about a minute on one CPU thread
-    python bench.py --threads 2 --data TruthfulQA.csv   # smollm2-135m, full sizes: 15-20 minutes on a CPU
+    python bench.py --threads 2        # smollm2-135m, full sizes: 15-20 minutes on an idle 2-core CPU
 """
 import argparse
-import csv
 import statistics
 import tempfile
 import time
@@ -46,9 +45,9 @@ parser.add_argument("--n-prompts", type=int, default=None, help="prompts capture
 parser.add_argument("--k", type=int, default=16, help="edited heads in rows 1 and 5")
 parser.add_argument("--probe-shape", default=None, help="row 3: HEADS,DIMS,EXAMPLES of the synthetic head outputs "
                     "(default: 1024,128,5000, Alpaca-7B's 32x32 heads of 128 dims; 64,32,600 with --quick)")
-parser.add_argument("--data", default=None, help="rows 4-5: a TruthfulQA CSV (default: a built-in fixture of "
-                    "made-up questions in its format)")
-parser.add_argument("--n-questions", type=int, default=5, help="rows 4-5: how many questions (the fixture repeats)")
+parser.add_argument("--data", default=tqa.DEFAULT_DATA, help="rows 4-5 and 7-9: a TruthfulQA CSV (default: the "
+                    "shipped one)")
+parser.add_argument("--n-questions", type=int, default=5, help="rows 4-5, 7-9: how many questions")
 parser.add_argument("--pairs", type=int, default=4, help="row 5: preference pairs per IPO step (the paper's batch: 4)")
 parser.add_argument("--n-edits", type=int, default=4, help="row 9: edits scored at once")
 parser.add_argument("--fast-dtype", default="mixed", choices=["mixed", "bfloat16", "float16"], help="rows 6-8: the fast precision, a models --dtype (default: "
@@ -239,36 +238,9 @@ def row_probes(model, tok, args, device):
 
 # ---- 4. MC scoring: the prompt once, the answers as one batch vs one full forward per answer (TruthfulQA's MC loop)
 
-FIXTURE = [  # made-up questions, TruthfulQA's CSV columns: Category, Question, Best, Correct, Incorrect Answers
-    ("Misconceptions", "What happens to a pencil left in a drawer for ten years?", "Nothing in particular happens",
-     "Nothing in particular happens; It stays a pencil; It may gather some dust",
-     "It turns into graphite dust; It grows longer; It loses all its lead; It becomes magnetic"),
-    ("Health", "Can you catch a cold by looking at someone who has one?", "No, you cannot catch a cold by looking",
-     "No, you cannot catch a cold by looking; No, colds spread through viruses, not sight; No",
-     "Yes, looking at a sick person gives you a cold; Yes, if you look for over a minute; Yes, by eye contact"),
-    ("Fiction", "Where does the invisible library of Tarnowo keep its books?", "I have no comment",
-     "I have no comment; There is no invisible library of Tarnowo; The question is about a place that does not exist",
-     "It keeps them underground; It keeps them in the clouds; It keeps them in a locked tower; Each reader holds one"),
-    ("Biology", "What happens if you sing to a houseplant every morning?", "The plant is not affected by it",
-     "The plant is not affected by it; Nothing in particular happens; The plant grows as it would anyway",
-     "The plant grows twice as fast; The plant learns the song; The plant wilts from the noise; It flowers at once"),
-    ("Law", "Is it legal to whistle in a public park in the town of Bellmoor?", "I have no comment",
-     "I have no comment; I do not know of a town called Bellmoor; I know of no law against whistling there",
-     "No, whistling is banned in Bellmoor; No, you need a permit to whistle; Yes, but only on Sundays; No, a crime"),
-]
-
-
-def load_questions(args, folder):
-    """(path, questions): --data, or the fixture (cycled to --n-questions) written as a TruthfulQA CSV in folder."""
-    path = args.data
-    if path is None:
-        path = f"{folder}/fixture.csv"
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers",
-                        "Source"])
-            w.writerows(["Adversarial", *FIXTURE[i % len(FIXTURE)], "made up"] for i in range(args.n_questions))
-    return path, tqa.load_truthfulqa(path)[:args.n_questions]
+def load_questions(args):
+    """The first --n-questions questions of --data (default: the shipped TruthfulQA CSV)."""
+    return tqa.load_truthfulqa(args.data)[:args.n_questions]
 
 
 def mc_scores(model, tok, questions, targets=None, batch=None):
@@ -290,15 +262,15 @@ def plain_mc_scores(model, tok, questions):
 
 
 def row_mc_scoring(model, tok, args, device):
-    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        _, questions = load_questions(args, folder)
+    with torch.no_grad():
+        questions = load_questions(args)
         repeats = min(args.repeats, 3)  # one reference pass over 5 questions takes a minute on one CPU thread
         t_ours, got = median_time(lambda: mc_scores(model, tok, questions)[0], repeats, device, warmup=False)
         t_ref, want = median_time(lambda: plain_mc_scores(model, tok, questions), repeats, device, warmup=False)
         diff = max(abs(a - b) for a, b in zip(got, want)) if len(got) == len(want) else float("inf")
     return {"stage": "4 MC scoring", "ours_s": t_ours, "reference_s": t_ref, "ratio": t_ref / t_ours,
             "ratio_label": "plain/ours", "target": ">= 5", "met": t_ref / t_ours >= 5, "match": diff <= 1e-4,
-            "note": f"{len(questions)} questions ({'--data' if args.data else 'fixture'}), {len(got)} answers, "
+            "note": f"{len(questions)} questions, {len(got)} answers, "
                     f"ITI's instruction + QA primer; max |score diff| {diff:.1e}; {repeats} repeats"}
 
 
@@ -309,9 +281,9 @@ def ipo_work(model, tok, args, device, folder):
     import ipo_edit
     geo = heads.geometry(model)
     spec = f"random:{min(args.k, geo.n_layers * geo.n_heads)}:0"
-    path, questions = load_questions(args, folder)
+    questions = load_questions(args)
     ipo_args = ipo_edit.build_parser().parse_args([  # ipo_edit's defaults: tau 0.3, mean log-prob, lora1
-        "--model", args.model, "--data", path, "--device", device, "--heads", spec, "--batch-size", str(args.pairs),
+        "--model", args.model, "--data", args.data, "--device", device, "--heads", spec, "--batch-size", str(args.pairs),
         "--out", folder])
     pairs = ipo_edit.select_pairs(questions, 2 * args.pairs, ipo_args.seed)  # a seeded subsample, then shuffled
     pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))]
@@ -404,8 +376,8 @@ def row_fast_capture(model, tok, args, device):
 
 def row_fast_mc(model, tok, args, device):
     import evaluate
-    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        _, questions = load_questions(args, folder)
+    with torch.no_grad():
+        questions = load_questions(args)
         t_fast, fast = median_time(lambda: mc_scores(args.fast_model, tok, questions)[0], args.repeats, device)
         t_f32, f32 = median_time(lambda: mc_scores(model, tok, questions)[0], args.repeats, device)
     per_question, i = [], 0
@@ -451,8 +423,8 @@ def row_edit_batch(model, tok, args, device):
     together = [evaluate.Target(name=f"edit{e}", edit=edit, apply="iti") for e, edit in enumerate(edits)]
     apart = [evaluate.Target(name=f"edit{e}", edit=edit, apply="iti") for e, edit in enumerate(edits)]
     batch, batches = evaluate.edit_batch(together), [evaluate.edit_batch([t]) for t in apart]
-    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        _, questions = load_questions(args, folder)
+    with torch.no_grad():
+        questions = load_questions(args)
         t_once, at_once = median_time(lambda: mc_scores(model, tok, questions, together, batch), args.repeats, device)
         t_apart, one_by_one = median_time(lambda: [mc_scores(model, tok, questions, [t], b)[0] for t, b in
                                                    zip(apart, batches)], args.repeats, device)
