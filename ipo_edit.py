@@ -73,8 +73,8 @@ def build_parser():
                        "course run of ~60 steps needs ~20x to move as far). Ignored with --lr")
     train.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps warming up the cosine schedule")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (TRL's default: 0)")
-    train.add_argument("--val-every", type=int, default=8, help="validate every this many steps too (0: at each "
-                       "epoch's end only)")
+    train.add_argument("--val-every", type=int, default=16, help="validate every this many steps too (0: at each "
+                       "epoch's end only); a validation costs about --max-val-pairs/8 training steps")
     train.add_argument("--checkpoint-every", type=int, default=16, help="save the edit and optimizer every this many "
                        "steps (and at each epoch's end); a killed run resumes there")
     speed = p.add_argument_group("speed")
