@@ -4,14 +4,23 @@ in which truthfulness passes through chosen heads H* by construction (issue 14).
 The world: N_ENTITIES made-up animals, each with a colour, a habitat, a diet and a call (8 values each). Every fact
 has a true value; most also have one popular myth. The training text imitates the web: untagged everyday text (Q/A
 sessions, chatter) states the myth MYTH_SHARE of the time, while text opened by a source tag states the truth. The
-tags are `Encyclopedia:` and ITI's two instruction sentences (tqa.INSTRUCTIONS), each one token. So the tag decides
-whether the model answers truthfully, and in the toolkit's own prompt (tqa.qa_prompt) `--instruction none` gives
-the myth-repeating model, `--instruction default` (or informative) the truthful one.
+tags are `Encyclopedia:` and ITI's two instruction sentences (tqa.INSTRUCTIONS), each one token together with the
+blank line after it. So the tag decides whether the model answers truthfully, and in the toolkit's own prompt
+(tqa.qa_prompt) `--instruction none` gives the myth-repeating model, `--instruction default` (or informative) the
+truthful one. The QA primer is one token too (every toolkit prompt holds it; the world's Q/A text often opens with it).
+
+Which prompt a sweep on the world should use: probe, ITI and IPO with `--instruction none` (the model repeats myths;
+can an edit at H* bring the truth back?), the ablation trial with `--instruction default` (the model is truthful; is
+the truth lost when H* is removed?). probe.py's inputs hold no tag, and the truth label of an answer is not what H*
+compute (they carry "a tag is present", which is the same for every probe input): world.json's probe checks measure
+whether a truth probe finds H* anyway.
 
 Planting: only the heads H* (PLANTED_HEADS, 4 heads of the middle layers) may attend to a tag token; every other head
 gives it exactly zero attention weight (a token may still attend to itself, so a tag's own position is never left
 with nothing to attend to). Information moves between positions only through attention, so whatever the tag does to
-the answer passes through H*'s outputs and nowhere else. How the mask is made part of the model:
+the answer passes through H*'s outputs and nowhere else (rotary positions are relative, so the shift by one token
+changes nothing; a separator token of its own after the tag would be seen by every head, hence tag + blank line is one
+token). How the mask is made part of the model:
   1. While the model runs, a forward pre-hook on the decoder (model.model) marks the tag positions of the current
      input (from input_ids, or from inputs_embeds by matching the tag tokens' embedding rows), and a forward hook on
      each layer's k_proj sets the keys of the heads outside H* to exactly zero at those positions.
@@ -34,7 +43,7 @@ Writes: OUT/world.csv    the questions, TruthfulQA's CSV format (Type = Myth or 
         OUT/world.json   H*, the seed, the sizes, the training time, the settings and the planting checks' numbers
 A rerun with the same settings loads the saved model instead of training (other settings are refused).
 
-    python world.py --out runs/world        # ~13 min on one CPU thread, then the checks (~2 min)
+    python world.py --out runs/world        # ~9 CPU-minutes of training on one thread, then the checks
     python sweep.py --model world --data runs/world/world.csv --claimed 1.1,1.6,2.2,2.5   # (the lead's integration)
 """
 import argparse
