@@ -41,12 +41,32 @@ TINY_CONFIGS = {
 }
 
 
+def matrix_units():
+    """The CPU's bf16 matrix features, from /proc/cpuinfo's flags: AMX-BF16, AVX512-BF16, both, or none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return "+".join(found) or "none"
+
+
+def fast_dtype():
+    """The precision the sweep runs in by default: 'mixed' on a CPU with bf16 matrix units (measured on all 164 test
+    questions: MC2 within 0.0023 of float32 per question on average, MC1 164/164 the same, 95.7% of greedy answers
+    identical; README, evaluate.py), float32 elsewhere (on a GPU pass --dtype bfloat16 for 7B models)."""
+    return "mixed" if not torch.cuda.is_available() and matrix_units() not in ("none", "unknown (no /proc/cpuinfo)") \
+        else "float32"
+
+
 def add_model_args(parser):
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, local folder, or built-in: {DEFAULT_MODEL} (offline) or tiny-llama, tiny-gpt2, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "mixed"],
                         help="weights dtype (bfloat16 for 7B models on a GPU); mixed: the linear layers but the "
-                        "lm_head multiply in bf16, everything else stays float32 (models.bf16_linears)")
+                        "lm_head multiply in bf16, everything else stays float32 (models.bf16_linears). Default: "
+                        "%(default)s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, or auto (device_map=auto across GPUs, needs accelerate)")
 

@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_model_args(p)
+    p.set_defaults(dtype=models.fast_dtype())  # the stages' own default is float32 (exact); the sweep runs fast
     tqa.add_data_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
     heads_group = p.add_argument_group("which head sets are edited")
