@@ -1,5 +1,7 @@
 """runfiles.py - what every output file carries and how it is written: provenance (the command, the arguments, the
-versions, the data's version) and atomic writes (a killed job never leaves half a file)."""
+versions, the data's version), atomic writes (a killed job never leaves half a file), JSON-lines rows appended as work
+completes and read back on resume (a line cut off by a kill is dropped), and one lock per output (one run writes it)."""
+import contextlib
 import json
 import math
 import os
@@ -85,3 +87,81 @@ def write_text(path, text):
 def write_json(path, obj):
     """Strict JSON (allow_nan=False): a NaN or inf in `obj` is a bug to fix, not a value to write."""
     write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def json_lines(rows):
+    """Rows as JSON lines, strict (allow_nan=False), one per line."""
+    return "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+
+
+def read_rows(path, key):
+    """{question: row} of an earlier run; drops a line cut off by a kill; refuses rows made with other settings."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows, good = {}, 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if row["key"] != key:
+            raise SystemExit(f"{path} holds rows made with other settings or another edit: delete it, or choose "
+                             "another --out")
+        rows[row["question"]] = row
+        good += len(line) + 1
+    if good < sum(len(line) + 1 for line in lines) - 1:  # a partial last line (a kill mid-write): cut it
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return rows
+
+
+def append_rows(path, rows):
+    """Append rows to a JSON-lines file, on disk before this returns (a kill after it loses none of them)."""
+    with open(path, "a") as f:
+        f.write(json_lines(rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _holder(lock):
+    """The process id in a lock file, when that process is still alive; else None (a stale lock)."""
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def locked(paths, program):
+    """One run per output: a PATH.lock (holding the process id) beside each output path, made with O_EXCL; refused
+    while another live run holds it; a stale lock (its process is gone) is taken over. program: named in the refusal."""
+    held = []
+    try:
+        for path in paths:
+            lock = path + ".lock"
+            os.makedirs(os.path.dirname(os.path.abspath(lock)), exist_ok=True)
+            if os.path.exists(lock) and _holder(lock) is None:
+                os.remove(lock)  # stale: its run was killed
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise SystemExit(f"{path} is being written by another {program} run (process {_holder(lock)}, "
+                                 f"{lock}): wait for it to finish, or choose another --out") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            held.append(lock)
+        yield
+    finally:
+        for lock in held:
+            if os.path.exists(lock):
+                os.remove(lock)
