@@ -131,6 +131,7 @@ def self_texts(args, model, tokenizer, model_about):
     key = hashlib.sha1(json.dumps([model_about["model"], heads.fingerprint(model), args.n_texts, args.text_tokens,
                                    args.seed, NEUTRAL_PROMPTS]).encode()).hexdigest()[:12]
     path = os.path.join(args.cache_dir, "texts", f"{os.path.basename(model_about['model'].rstrip('/'))}-{key}.json")
+    # the note is part of the results' settings (an earlier run's results compare equal only with the same words)
     about = {"source": "self", "note": "text sampled by the unedited model from evaluate.NEUTRAL_PROMPTS "
              "(seeded, temperature 1): the hub sample was not used", "n_documents": args.n_texts, "cache": path}
     if os.path.isfile(path):
