@@ -49,7 +49,6 @@ A rerun with the same settings loads the saved model instead of training (other 
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import math
 import os
