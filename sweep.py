@@ -336,7 +336,7 @@ def run_unit(unit, args, times_path):
     redo = False
     for step in unit["steps"]:
         why = stale(step)
-        if why or redo:  # a fit redone makes its evaluation stale too
+        if (why or redo) and any(os.path.isfile(p) for p in step[1]):  # a fit redone makes its evaluation stale too
             print(f"redoing {unit['name']} ({why or 'its edits were redone'})", flush=True)
             for path in step[1]:
                 for old in (path, path[:-len(".json")] + ".jsonl" if path.endswith(".json") else None):
