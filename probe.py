@@ -361,6 +361,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size {args.batch_size}: must be at least 1")
+    runfiles.check_writable(os.path.join(args.out, "probe.json"))  # before the long activation pass
     questions = tqa.load_truthfulqa(args.data)
     examples, sizes = probe_examples(questions, args.seed, args.prompt_format, args.max_questions)
     check_labels(examples, questions)

@@ -79,7 +79,7 @@ def other_model_probe(w):
     folder = os.path.join(w["root"], "probe-other")
     shutil.copytree(w["probe"], folder, dirs_exist_ok=True)
     meta = json.load(open(os.path.join(folder, "probe.json")))
-    meta.update(model="tiny-mistral", fingerprint="0" * len(str(meta.get("fingerprint", "0"))))
+    meta.update(model="tiny-mistral", fingerprint=[x + 1.0 for x in meta["fingerprint"]])
     json.dump(meta, open(os.path.join(folder, "probe.json"), "w"))
     return folder
 
@@ -87,6 +87,12 @@ def other_model_probe(w):
 def empty_folder(w):
     path = os.path.join(w["root"], "empty-model")
     os.makedirs(path, exist_ok=True)
+    return path
+
+
+def iti_from(w, probe_folder):
+    path = os.path.join(w["root"], "iti-other.safetensors")
+    iti.main(["--probe", probe_folder, "--heads", "top:2", "--alpha", "1", "--out", path])
     return path
 
 
@@ -137,6 +143,7 @@ def nan_result_run(w):
 
 EV = lambda w, *a: [*TINY, "--data", w["csv"], "--judges", "none", "--skip", "text", "--max-new-tokens", "3",  # noqa
                     "--out", os.path.join(w["root"], "res", "r.json"), *a]
+JUDGE_SETS = ["--truth-data", "data/finetune_truth.jsonl.gz", "--info-data", "data/finetune_info.jsonl.gz"]
 OUT_UNDER_FILE = lambda w: os.path.join(w["file"], "x", "out.json")  # noqa: E731
 
 # (case, script main, argv builder, what the message must name)
@@ -183,9 +190,8 @@ CASES = [
     ("ipo_edit: --probe from another model", ipo_edit.main,
      lambda w: [*TINY, "--data", w["csv"], "--heads", "top:2", "--probe", other_model_probe(w), "--max-pairs", "4",
                 "--out", w["root"] + "/i.safetensors"], "tiny-mistral|another model|other model"),
-    ("iti: --probe from another model", iti.main,
-     lambda w: ["--probe", other_model_probe(w), "--heads", "top:2", "--alpha", "1", "--model", "tiny-llama",
-                "--out", w["root"] + "/e2.safetensors"], "tiny-mistral|another model|other model"),
+    ("evaluate: an ITI edit made from another model's probe", evaluate.main,
+     lambda w: EV(w, "--edit", iti_from(w, other_model_probe(w))), "tiny-mistral|another model|other model"),
     ("evaluate: an edit with a NaN inside", evaluate.main, lambda w: EV(w, "--edit", nan_edit(w)), "finite|NaN"),
     ("evaluate: an edit with unreadable metadata", evaluate.main, lambda w: EV(w, "--edit", bad_meta_edit(w)),
      "metadata|edit file"),
@@ -205,9 +211,9 @@ CASES = [
      lambda w: [*TINY, "--data", w["csv"], "--skip", "mc,text", "--truth-judge", w["root"] + "/none.safetensors",
                 "--out", w["root"] + "/res/j2.json"], "judge"),
     ("train_judge: --folds 0", train_judge.main,
-     lambda w: ["--folds", "0", "--out", w["root"] + "/judges"], "folds"),
+     lambda w: ["--folds", "0", *JUDGE_SETS, "--out", w["root"] + "/judges"], "folds"),
     ("train_judge: --folds 1", train_judge.main,
-     lambda w: ["--folds", "1", "--out", w["root"] + "/judges"], "folds"),
+     lambda w: ["--folds", "1", *JUDGE_SETS, "--out", w["root"] + "/judges"], "folds"),
     ("train_judge: an empty judge set", train_judge.main,
      lambda w: ["--truth-data", tiny_judge_set(w, []), "--info-data", tiny_judge_set(w, []),
                 "--out", w["root"] + "/judges"], "empty|no "),
