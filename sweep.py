@@ -42,18 +42,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Wang & Veitch's sizes on a GPU (with ITI's alpha 15 in the grid); course sizes on a CPU, with 19 random ITI sets so
 # that a rank p-value can reach 0.05, and the model's own text for CE/KL (offline: no hub retries per evaluation)
 PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
-             max_pairs=None, max_val_pairs=128, lr_scale=1.0, max_questions=None, n_texts=100, text="auto")
+             methods="iti,ipo,ablate", max_pairs=None, max_val_pairs=128, lr_scale=1.0, max_questions=None, n_texts=100, text="auto")
 # Course sizes, timed on 2 CPU cores with SmolLM2 (the default run: about 28 minutes): the probe ~5 min; evaluating
 # one edit on 32 questions ~30 s; an IPO step ~2.3 s, so IPO trains on 96 pairs (48 steps, not the paper's ~3,300)
 # with the paper's learning rates scaled 20x (AdamW moves a weight by about lr per step), at one tau, ~3 min per head
 # set; ITI at its own default alpha, 15.
-COURSE = dict(k=8, n_random=19, n_random_ipo=1, n_single=1, alphas=[15], taus=[0.3],
+# The ablation trial (20 more evaluations) is left out of the course default to keep it near 30 minutes: --methods.
+COURSE = dict(k=8, n_random=19, n_random_ipo=1, n_single=1, alphas=[15], taus=[0.3], methods="iti,ipo",
               max_pairs=96, max_val_pairs=32, lr_scale=20.0, max_questions=32, n_texts=8, text="self")
 
 # The planted world (world.py): MC only (the Truth/Info judges know TruthfulQA, not the world), all 96 test
 # questions, 19 random sets under ITI and IPO and 8 single heads; float32 (bf16 is slower for a model this small).
 WORLD = [("--judges", "judges", "none"), ("--max-questions", "max_questions", 0), ("--n-random-ipo", "n_random_ipo", 19),
-         ("--n-single", "n_single", 8), ("--dtype", "dtype", "float32"), ("--n-texts", "n_texts", 4)]
+         ("--n-single", "n_single", 8), ("--dtype", "dtype", "float32"), ("--n-texts", "n_texts", 4),
+         ("--methods", "methods", "iti,ipo,ablate")]
 
 
 def parse_args(argv=None):
@@ -79,8 +81,9 @@ def parse_args(argv=None):
                    f"(default: {d['n_random_ipo']}, at most --n-random; paper: all 16)")
     heads_group.add_argument("--n-single", type=int, default=d["n_single"], help="random single heads edited by IPO (paper: 24)")
     heads_group.add_argument("--no-all-heads", action="store_true", help="leave out IPO at all heads (the full-model baseline)")
-    heads_group.add_argument("--methods", default="iti,ipo,ablate", help="trials to run, comma-separated: iti, ipo, "
-                             "ablate (mean-ablation of each set: what is lost without the heads)")
+    heads_group.add_argument("--methods", default=d["methods"], help="trials to run, comma-separated: iti, ipo, "
+                             "ablate (mean-ablation of each set: what is lost without the heads; paper and world "
+                             "default, add it on a CPU: --methods iti,ipo,ablate)")
     grid = p.add_argument_group("the edits' grids and training sizes")
     grid.add_argument("--alphas", type=float, nargs="+", default=d["alphas"], help="ITI strengths")
     grid.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")

@@ -83,7 +83,8 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     run, data = str(tmp_path / "run"), fixture_csv(tmp_path / "tqa.csv", n=15)
     argv = ["--model", "tiny-llama", "--data", data, "--out", run, "--k", "2", "--n-random", "2", "--n-random-ipo",
             "1", "--n-single", "1", "--alphas", "5", "--taus", "0.1", "--max-pairs", "8", "--judges", "none",
-            "--n-texts", "2", "--eval-args", "--max-new-tokens 4 --text-tokens 8", "--ipo-args", "--max-val-pairs 4"]
+            "--n-texts", "2", "--eval-args", "--max-new-tokens 4 --text-tokens 8", "--ipo-args", "--max-val-pairs 4",
+            "--methods", "iti,ipo,ablate"]
     sweep.main(argv)
     assert "a plumbing check, not a finding" in capsys.readouterr().out
     units = sweep.plan(sweep.parse_args(argv))
