@@ -435,17 +435,6 @@ def row_edit_batch(model, tok, args, device):
                     f"{len(questions)} questions; max |score diff| {diff:.1e}"}
 
 
-def matrix_units():
-    """The CPU's bf16 matrix features, from /proc/cpuinfo's flags: AMX-BF16, AVX512-BF16, both, or none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-    return "+".join(found) or "none"
-
-
 def print_table(rows, header):
     print(header)
     print(f"{'stage':<24}{'ours s':>10}{'ref s':>10}{'ratio':>9}  {'target':<8}{'met':<5}{'same':<5} note")
@@ -476,7 +465,7 @@ def main(argv=None):
     model, tok, about = models.load_model(args.model, device=args.device)
     if {"6", "7", "8"} & set(stages):
         args.fast_model = models.load_model(args.model, args.fast_dtype, args.device)[0]
-    units = matrix_units()
+    units = models.matrix_units()
     header = (f"bench.py: model {args.model} ({about['note']}), device {args.device}, {args.threads} CPU thread(s), "
               f"CPU bf16 matrix units: {units}, median of {args.repeats}")
     rows = [dict(row, threads=args.threads, matrix_units=units) for row in
