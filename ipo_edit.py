@@ -88,6 +88,21 @@ def build_parser():
     return p
 
 
+def no_dropout(model):
+    """Dropout probability 0 everywhere, whatever the train/eval mode (in train mode, attention code reads
+    `self.attention_dropout` or `attn_dropout.p` itself: GPT-2's sdpa path applies it even with its Dropout in eval)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    for name, value in list(vars(model.config).items()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(model.config, name, 0.0)
+    return model
+
+
 def default_lr(n_heads):
     """The paper's learning rates: 2e-3 for a single head, 5e-4 for up to 16 heads, 1e-4 for all heads."""
     return 2e-3 if n_heads == 1 else 5e-4 if n_heads <= 16 else 1e-4
@@ -461,10 +476,8 @@ def main(argv=None):
             enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # transformers checkpoints only in train mode; dropout stays off, as for the reference
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.eval()
+        model.train()  # transformers checkpoints only in train mode: switch every dropout off by its probability
+        no_dropout(model)
     questions = tqa.load_truthfulqa(args.data)
     split = tqa.split_questions(questions, args.seed)
     train_pairs = select_pairs([questions[i] for i in split["train"]], args.max_pairs, args.seed)

@@ -387,3 +387,24 @@ def test_the_fast_precision_trains_from_its_own_reference_and_says_so(tmp_path, 
     assert edit_meta["settings"]["dtype"] == "mixed" and edit_meta["precision"]["dtype"] == "mixed"
     run(tmp_path, data, *common, "--out", str(tmp_path / "run" / "edits" / "f32.safetensors"))
     assert len(os.listdir(tmp_path / "run" / "edits" / "cache")) == 4  # train and val, at each precision
+
+
+def test_grad_checkpointing_trains_without_dropout():
+    """--grad-checkpointing puts the model in train mode: GPT-2's attention reads its dropout probability itself
+    (sdpa), so switching the Dropout modules to eval is not enough; no_dropout zeroes every probability."""
+    model, tok, _ = models.load_model("tiny-gpt2")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1  # a model trained with dropout, as GPT-2 was
+    model.config.attn_pdrop = 0.1
+    model.train()
+    ids = tok(["Q: What is fact 1? A: Fact 1 is true."], return_tensors="pt")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()  # the old way
+    torch.manual_seed(0)
+    assert not torch.equal(model(**ids).logits, model(**ids).logits)  # dropout still on
+    ipo_edit.no_dropout(model)
+    assert torch.equal(model(**ids).logits, model(**ids).logits)
+    model.eval()
+    assert torch.allclose(model(**ids).logits, ipo_edit.no_dropout(model)(**ids).logits)
