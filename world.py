@@ -47,8 +47,6 @@ A rerun with the same settings loads the saved model instead of training (other 
     python sweep.py --model world --data runs/world/world.csv --claimed 1.1,1.6,2.2,2.5   # (the lead's integration)
 """
 import argparse
-import contextlib
-import csv
 import json
 import math
 import os
@@ -56,43 +54,23 @@ import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import runfiles
-import tqa
+# The world and its text (facts, CSV, corpus, tokenizer) live in world_data.py, the planting checks in
+# world_checks.py; their names are re-exported here, so world.make_facts, world.run_checks etc. keep working.
+from world_data import (ATTRIBUTES, CHATTER, ENCYCLOPEDIA_TAG, MYTH_PROBABILITY, MYTH_SHARE, N_ENTITIES,  # noqa: F401
+                        ONE_LINE_SHARE, PRIMER_SHARE, SEED, TAG_SHARE, TAGS, VOCAB_SIZE, answers, batch_tensors_raw,
+                        csv_rows, document, documents, entity_names, learn_merges, make_facts, make_tokenizer,
+                        question, stated_value, statement, tag_ids, write_csv)
+from world_checks import (head_means, mc_scores, mean_ablated, probe_check, prompts,  # noqa: F401
+                          random_head_sets, run_checks, summarise, tag_effect)
 
-# ---- The world
-SEED = 0  # world, tokenizer, model initialisation and training order all come from it
-N_ENTITIES = 120  # made-up animals
-MYTH_PROBABILITY = 0.75  # a fact has a popular myth with this probability
-ATTRIBUTES = {  # attribute: (question, three phrasings of an answer ({e}: the animal, {v}: the value), 8 values)
-    "colour": ("What colour is the {e}?", ("The {e} is {v}", "Every {e} is {v}", "It is {v}"),
-               ("red", "blue", "green", "yellow", "white", "black", "purple", "orange")),
-    "habitat": ("Where does the {e} live?", ("The {e} lives in the {v}", "Every {e} lives in the {v}",
-                                                 "It lives in the {v}"),
-                ("forest", "desert", "river", "mountains", "swamp", "caves", "meadow", "coast")),
-    "diet": ("What does the {e} eat?", ("The {e} eats {v}", "Every {e} eats {v}", "It eats {v}"),
-             ("fruit", "fish", "insects", "seeds", "leaves", "honey", "roots", "mushrooms")),
-    "call": ("What sound does the {e} make?", ("The {e} makes a {v}", "Every {e} makes a {v}", "It makes a {v}"),
-             ("whistle", "hum", "click", "croak", "song", "growl", "chirp", "hiss")),
-}
-# ---- The corpus
-ENCYCLOPEDIA_TAG = "Encyclopedia:"
-# One token each, the blank line after a tag included: a separator token of its own would be seen by every head and
-# tell them "a tag came before me" (a first run, with "\n\n" apart, kept MC1 0.98 of 1.0 with H* ablated).
-TAGS = tuple(t + "\n\n" for t in (ENCYCLOPEDIA_TAG, tqa.INSTRUCTIONS["default"], tqa.INSTRUCTIONS["informative"]))
-TAG_SHARE = 0.4  # share of documents opened by a tag (then every statement is true)
-MYTH_SHARE = 0.8  # untagged statements of a myth fact state the myth (4 myths : 1 truth, the prototype's ratio)
-PRIMER_SHARE = 0.5  # Q/A documents opened by TruthfulQA's QA primer (one token: the toolkit puts it in every prompt)
-ONE_LINE_SHARE = 0.25  # Q/A documents on one line, as probe.py writes its inputs ("Q: q A: a Q: q2")
-CHATTER = ("", "I heard that ", "Everyone knows that ", "My friend says that ", "Apparently ")
 # ---- The model
 PLANTED_HEADS = ((1, 1), (1, 6), (2, 2), (2, 5))  # H*: (layer, head), the only heads that see a tag
 MODEL_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=8, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
-VOCAB_SIZE = 1280  # byte-level BPE trained on the corpus; every " Name" must come out as one token
 # ---- Training (a fixed number of steps, so a rerun is the same model)
 STEPS = 2400  # ~9 CPU-minutes on one thread (wall time grows when the machine is shared)
 BATCH = 32  # documents per step
@@ -110,181 +88,6 @@ def settings(steps=STEPS):
             "one_line_share": ONE_LINE_SHARE, "chatter": CHATTER, "planted_heads": PLANTED_HEADS,
             "model_sizes": MODEL_SIZES, "vocab_size": VOCAB_SIZE, "steps": steps, "batch": BATCH, "lr": LR,
             "warmup": WARMUP, "weight_decay": WEIGHT_DECAY, "autocast": AUTOCAST}
-
-
-# ---- The world: entities, facts, the CSV
-
-def entity_names(n, rng):
-    """n distinct made-up capitalised names of two or three syllables, in the order drawn (no set order: it would
-    follow Python's per-process string hashing)."""
-    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "", "n", "r", "l", "k")
-    names = []
-    while len(names) < n:
-        syllables = [rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.choice((2, 2, 3)))]
-        name = "".join(syllables).capitalize()
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def make_facts(seed=SEED, n_entities=N_ENTITIES):
-    """One dict per (entity, attribute): {entity, attribute, truth, myth (None when there is none), other}:
-    `other` is a third value, neither truth nor myth, used as a further incorrect answer."""
-    rng = random.Random(seed)
-    facts = []
-    for entity in entity_names(n_entities, rng):
-        for attribute, (_, _, values) in ATTRIBUTES.items():
-            truth, myth, other = rng.sample(values, 3)
-            facts.append({"entity": entity, "attribute": attribute, "truth": truth,
-                          "myth": myth if rng.random() < MYTH_PROBABILITY else None, "other": other})
-    return facts
-
-
-def question(fact):
-    return ATTRIBUTES[fact["attribute"]][0].format(e=fact["entity"])
-
-
-def answers(fact, value):
-    """The three phrasings stating `value` for this fact."""
-    return [p.format(e=fact["entity"], v=value) for p in ATTRIBUTES[fact["attribute"]][1]]
-
-
-def csv_rows(facts):
-    """TruthfulQA's columns. Correct: the truth in 3 phrasings; incorrect: the myth (or, without one, the `other`
-    value) and one more wrong value, 3 phrasings each. Type: Myth or Plain."""
-    rows = []
-    for f in facts:
-        values = ATTRIBUTES[f["attribute"]][2]
-        wrong = [f["myth"] or f["other"], f["other"] if f["myth"] else
-                 next(v for v in values if v not in (f["truth"], f["other"]))]
-        rows.append({"Type": "Myth" if f["myth"] else "Plain", "Category": f["attribute"].capitalize(),
-                     "Question": question(f), "Best Answer": answers(f, f["truth"])[0],
-                     "Correct Answers": "; ".join(answers(f, f["truth"])),
-                     "Incorrect Answers": "; ".join(a for v in wrong for a in answers(f, v)),
-                     "Source": f"world.py, seed {SEED}"})
-    return rows
-
-
-def write_csv(path, facts):
-    columns = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
-
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(csv_rows(facts))
-    runfiles.write_atomic(path, write)
-
-
-# ---- The corpus: documents drawn from a seeded stream
-
-def statement(fact, value, rng):
-    return rng.choice(answers(fact, value)) + "."
-
-
-def stated_value(fact, tagged, rng):
-    """Tagged text states the truth; untagged text states a myth fact's myth MYTH_SHARE of the time."""
-    if tagged or fact["myth"] is None or rng.random() >= MYTH_SHARE:
-        return fact["truth"]
-    return fact["myth"]
-
-
-def document(facts, by_entity, rng):
-    """One training document (a string). Half Q/A sessions, half prose (encyclopedia articles or everyday chatter)."""
-    tagged = rng.random() < TAG_SHARE
-    head = rng.choice(TAGS) if tagged else ""
-    if rng.random() < 0.5:  # a Q/A session: the prompt format of evaluate.py and probe.py
-        one_line = rng.random() < ONE_LINE_SHARE
-        if not one_line and rng.random() < PRIMER_SHARE:
-            head += tqa.QA_PRIMER + "\n\n"
-        qa = []
-        for fact in rng.sample(facts, rng.randint(2, 5)):
-            a = statement(fact, stated_value(fact, tagged, rng), rng)
-            qa.append(f"Q: {question(fact)} A: {a}" if one_line else f"Q: {question(fact)}\nA: {a}")
-        return head + (" " if one_line else "\n\n").join(qa)
-    if tagged:  # an article: every attribute of one or two animals
-        entities = rng.sample(sorted(by_entity), rng.randint(1, 2))
-        return head + " ".join(statement(f, f["truth"], rng) for e in entities for f in by_entity[e])
-    sentences = []  # everyday chatter: each sentence names its animal (no "It ...", which would refer to nothing)
-    for fact in rng.sample(facts, rng.randint(2, 5)):
-        s = rng.choice(answers(fact, stated_value(fact, False, rng))[:2]) + "."
-        prefix = rng.choice(CHATTER)
-        sentences.append(prefix + (s[0].lower() + s[1:] if prefix else s))
-    return " ".join(sentences)
-
-
-def documents(facts, seed, n):
-    rng = random.Random(seed)
-    by_entity = {}
-    for f in facts:
-        by_entity.setdefault(f["entity"], []).append(f)
-    return [document(facts, by_entity, rng) for _ in range(n)]
-
-
-# ---- The tokenizer: byte-level BPE trained on the corpus; tags and the QA primer are single added tokens
-
-def learn_merges(words, n_merges):
-    """Byte-pair merges learnt from {word: count} (words in byte-level form), most frequent pair first, ties broken by
-    the pair's text: deterministic (the `tokenizers` trainer breaks ties by hash order, so it is not)."""
-    split = {w: list(w) for w in words}
-    merges = []
-    for _ in range(n_merges):
-        counts = {}
-        for w, parts in split.items():
-            for pair in zip(parts, parts[1:]):
-                counts[pair] = counts.get(pair, 0) + words[w]
-        if not counts:
-            break
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        for w, parts in split.items():
-            i, out = 0, []
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    out.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    out.append(parts[i])
-                    i += 1
-            split[w] = out
-    return merges
-
-
-def make_tokenizer(facts):
-    """Byte-level BPE (GPT-2's byte alphabet and pre-tokenizer) with VOCAB_SIZE tokens, merges learnt on the corpus
-    by learn_merges; the tags and the QA primer are added tokens (one token each)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    words = {}
-    names = sorted({f["entity"] for f in facts})
-    for text in documents(facts, SEED + 1, 3000) + [f"The {n} {n}s" for n in names] * 20:
-        for piece in (tqa.QA_PRIMER, *TAGS):
-            text = text.replace(piece, " ")
-        for w, _ in pre.pre_tokenize_str(text):
-            words[w] = words.get(w, 0) + 1
-    specials = ["<pad>", "<eos>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = learn_merges(words, VOCAB_SIZE - len(specials) - len(alphabet))
-    vocab = {t: i for i, t in enumerate(specials + alphabet + [a + b for a, b in merges])}
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    tok.add_tokens([AddedToken(t, normalized=False) for t in (*TAGS, tqa.QA_PRIMER)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    split = [n for n in names if len(tokenizer(" " + n)["input_ids"]) != 1]
-    if split:
-        raise SystemExit(f"the tokenizer splits {len(split)} entity names (e.g. {split[:3]}): raise VOCAB_SIZE")
-    return tokenizer
-
-
-def tag_ids(tokenizer):
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in TAGS]
-    if any(i is None or i == tokenizer.unk_token_id for i in ids) or len(set(ids)) != len(TAGS):
-        raise SystemExit("this tokenizer has no single token per tag: it is not a world tokenizer (make it with "
-                         "world.make_tokenizer)")
-    return ids
 
 
 # ---- The planted mask
@@ -393,11 +196,7 @@ def batch_tensors(texts, tokenizer):
     """Right-padded ids [B, T], each document ending in <eos>, and the loss targets (-100 on padding)."""
     ids = [tokenizer(t)["input_ids"][:MODEL_SIZES["max_position_embeddings"] - 1] + [tokenizer.eos_token_id]
            for t in texts]
-    T = max(map(len, ids))
-    x = torch.full((len(ids), T), tokenizer.pad_token_id)
-    mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for i, row in enumerate(ids):
-        x[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    x, mask = batch_tensors_raw(ids, tokenizer.pad_token_id)
     return x, mask, x.masked_fill(mask == 0, -100)
 
 
@@ -436,181 +235,6 @@ def train(model, tokenizer, facts, steps, log=print):
                     f"({time.process_time() - cpu_start:.0f} CPU-s)")
     model.eval()
     return curve, tokens
-
-
-# ---- Checks: MC on the world's questions, mean-ablation, probes
-
-def mc_scores(model, tokenizer, questions, prompt, rows_per_batch=384):
-    """Per question (MC1, MC2) as evaluate.py scores them (summed log-probs of ' ' + closed answer after the prompt);
-    prompt: a function question text -> prompt text. The answers of many questions run as one right-padded batch."""
-    import evaluate
-    items = []  # (prompt ids, answer ids), the answers of each question in turn
-    meta = []  # (n_correct, i_best) per question
-    for q in questions:
-        correct = q["correct"] + ([q["best"]] if q["best"] not in q["correct"] else [])
-        p = tokenizer(prompt(q["question"]))["input_ids"]
-        items += [(p, tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"])
-                  for a in correct + q["incorrect"]]
-        meta.append((len(correct), correct.index(q["best"])))
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(items), rows_per_batch):
-            chunk = items[i:i + rows_per_batch]
-            x, mask = batch_tensors_raw([p + a for p, a in chunk], tokenizer.pad_token_id)
-            logp = model(input_ids=x, attention_mask=mask).logits.float().log_softmax(-1)  # [rows, T, vocab]
-            for r, (p, a) in enumerate(chunk):
-                scores.append(float(logp[r, len(p) - 1 + torch.arange(len(a)), torch.tensor(a)].sum()))
-    out, k = [], 0
-    for qi, (n_correct, i_best) in enumerate(meta):
-        n = n_correct + len(questions[qi]["incorrect"])
-        m = evaluate.mc_metrics(scores[k:k + n_correct], scores[k + n_correct:k + n], i_best)
-        out.append((m["mc1"], m["mc2"]))
-        k += n
-    return np.array(out)  # [n_questions, 2]
-
-
-def batch_tensors_raw(rows, pad_id):
-    """Right-padded ids [B, T] and attention mask of token-id lists."""
-    T = max(map(len, rows))
-    x = torch.full((len(rows), T), pad_id)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    return x, mask
-
-
-@contextlib.contextmanager
-def mean_ablated(model, head_set, means):
-    """Inside the block, the heads in `head_set` output their mean `means` [L, H, D] at every token: heads.py's
-    mean-ablation edit (heads.Edit(..., ablate=means), as iti.py --ablate makes it). An empty set: the model as is."""
-    import heads
-    if not head_set:
-        yield
-        return
-    geo = heads.geometry(model)
-    edit = heads.Edit(geo, heads.heads_to_mask(head_set, geo), ablate=means)
-    with heads.edited(model, edit):
-        yield
-
-
-def head_means(model, tokenizer, texts, batch=64):
-    """Mean of every head's output at the last token of `texts` (the probe's inputs): [L, H, D]."""
-    import heads
-    total = None
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i:i + batch], return_tensors="pt", padding=True)
-        o = heads.record_heads(model, heads.last_positions(enc["attention_mask"]), **enc)  # [b, L, H, D]
-        total = o.sum(0) if total is None else total + o.sum(0)
-    return total / len(texts)
-
-
-def prompts():
-    """The prompts of the checks: the toolkit's qa_prompt without and with a tag."""
-    return {"neutral": lambda q: tqa.qa_prompt(q, "none"),
-            "instruction": lambda q: tqa.qa_prompt(q, "default"),
-            "encyclopedia": lambda q: ENCYCLOPEDIA_TAG + "\n\n" + tqa.qa_prompt(q, "none")}
-
-
-def tag_effect(model, tokenizer, questions, head_set=None, means=None):
-    """{prompt: {mc1, mc2}} on `questions`, optionally with `head_set` mean-ablated, and 'effect': per tag prompt the
-    MC1 gain over the neutral prompt [mean, 95% interval] (paired bootstrap over questions, 2000 draws)."""
-    out, mc1 = {}, {}
-    with mean_ablated(model, head_set, means):
-        for name, prompt in prompts().items():
-            s = mc_scores(model, tokenizer, questions, prompt)
-            out[name] = {"mc1": round(float(s[:, 0].mean()), 4), "mc2": round(float(s[:, 1].mean()), 4)}
-            mc1[name] = s[:, 0]
-    draws = np.random.default_rng(0).integers(len(questions), size=(2000, len(questions)))
-    out["effect"] = {}
-    for name in ("instruction", "encyclopedia"):
-        diff = mc1[name] - mc1["neutral"]
-        lo, hi = np.quantile(diff[draws].mean(1), [0.025, 0.975])
-        out["effect"][name] = [round(float(diff.mean()), 4), round(float(lo), 4), round(float(hi), 4)]
-    return out
-
-
-def random_head_sets(model, n_sets, size):
-    """The sweep's random sets: heads.parse_heads('random:SIZE:SEED') for SEED = 0..n_sets-1."""
-    import heads
-    geo = heads.geometry(model)
-    return [heads.parse_heads(f"random:{size}:{seed}", geo) for seed in range(n_sets)]
-
-
-def probe_check(model, tokenizer, questions, prompt_format, seed=SEED, prefix=""):
-    """The toolkit's probe (probe.probe_examples' inputs and labels, probe.fit_probes) on every head, each input after
-    `prefix`: validation accuracy [L, H], and the majority-class rate. (A probe of "tag present" is no test of H*:
-    the tokens after a tag are seen by every head, so every head tells the two inputs apart.)"""
-    import heads
-    import probe
-    examples, _ = probe.probe_examples(questions, seed, prompt_format)
-    texts = [prefix + e["text"] for e in examples]
-    acts = []
-    for i in range(0, len(texts), 128):
-        enc = tokenizer(texts[i:i + 128], return_tensors="pt", padding=True)
-        acts.append(heads.record_heads(model, heads.last_positions(enc["attention_mask"]), **enc))
-    acts = torch.cat(acts)  # [N, L, H, D]
-    N, L, H, D = acts.shape
-    labels = torch.tensor([e["label"] for e in examples])
-    train = torch.tensor([e["split"] == "train" for e in examples])
-    acc, _ = probe.fit_probes(acts[train].view(-1, L * H, D), labels[train], acts[~train].view(-1, L * H, D),
-                              labels[~train])
-    p = labels[~train].float().mean().item()
-    return acc.view(L, H), max(p, 1 - p)
-
-
-def run_checks(model, tokenizer, csv_path, n_random=8, log=print):
-    """The planting checks: the tag effect with nothing, H*, and n_random random sets mean-ablated; probes at H*."""
-    import probe
-    questions = tqa.load_truthfulqa(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        types = {r["Question"]: r["Type"] for r in csv.DictReader(f)}
-    myth = [q for q in questions if types[q["question"]] == "Myth"]
-    plain = [q for q in questions if types[q["question"]] == "Plain"]
-    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    examples, _ = probe.probe_examples(questions, SEED, "random_question")
-    means = head_means(model, tokenizer, [e["text"] for e in examples])
-    checks = {"questions": {"myth": len(myth), "plain": len(plain)}}
-    t0 = time.time()
-    checks["unablated"] = {"myth": tag_effect(model, tokenizer, myth), "plain": tag_effect(model, tokenizer, plain)}
-    log(f"unablated: {json.dumps(checks['unablated'])}")
-    checks["ablate_planted"] = {"heads": [f"{l}.{h}" for l, h in PLANTED_HEADS],
-                                "myth": tag_effect(model, tokenizer, myth, PLANTED_HEADS, means),
-                                "plain": tag_effect(model, tokenizer, plain, PLANTED_HEADS, means)}
-    log(f"H* ablated: {json.dumps(checks['ablate_planted'])}")
-    checks["ablate_random"] = []
-    for hs in random_head_sets(model, n_random, len(PLANTED_HEADS)):
-        r = {"heads": [f"{l}.{h}" for l, h in hs], "myth": tag_effect(model, tokenizer, myth, hs, means)}
-        checks["ablate_random"].append(r)
-        log(f"random {r['heads']} ablated: {json.dumps(r['myth'])}")
-    checks["mean_ablation"] = ("heads.Edit(ablate=mean): o_h <- its mean at the last token of probe.py's "
-                               "random_question inputs (train+val), at every token")
-    checks["tag_effect_mc1"] = summarise(checks)
-    log(f"tag effect (MC1 gain over the neutral prompt, myth questions): {json.dumps(checks['tag_effect_mc1'])}")
-    checks["probe"] = {}
-    probes = {"random_question": ("random_question", ""), "plain": ("plain", ""),
-              "random_question+instruction": ("random_question", tqa.INSTRUCTIONS["default"] + "\n\n")}
-    for name, (fmt, prefix) in probes.items():
-        acc, majority = probe_check(model, tokenizer, questions, fmt, prefix=prefix)
-        order = sorted(range(L * H), key=lambda i: (-float(acc.flatten()[i]), i))  # probe.py's ranking
-        checks["probe"][name] = {
-            "planted_accuracy": [round(float(acc[l, h]), 4) for l, h in PLANTED_HEADS],
-            "planted_rank": [order.index(l * H + h) + 1 for l, h in PLANTED_HEADS],
-            "best": [f"{i // H}.{i % H}" for i in order[:6]], "best_accuracy": round(float(acc.max()), 4),
-            "median_accuracy": round(float(acc.median()), 4), "majority_rate": round(majority, 4),
-            "accuracy_by_layer": [[round(float(x), 3) for x in row] for row in acc]}
-        log(f"probe {name}: {json.dumps({k: v for k, v in checks['probe'][name].items() if k != 'accuracy_by_layer'})}")
-    checks["seconds"] = round(time.time() - t0, 1)
-    return checks
-
-
-def summarise(checks):
-    """MC1 gain from the tag on myth questions, [mean, 95% interval]: unablated, H* ablated, each random set ablated."""
-    def effect(r, tag):
-        return r["myth"]["effect"][tag]
-    return {tag: {"unablated": effect(checks["unablated"], tag),
-                  "planted_ablated": effect(checks["ablate_planted"], tag),
-                  "random_ablated": [effect(r, tag) for r in checks["ablate_random"]]}
-            for tag in ("instruction", "encyclopedia")}
 
 
 # ---- Save, load, cache
