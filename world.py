@@ -77,8 +77,9 @@ BATCH = 32  # documents per step
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.05  # AdamW, linear warmup then cosine to 10%
 AUTOCAST = False  # bf16 autocast: slower than float32 for this model on the AVX512-BF16 CPU (0.98 vs 0.84 s/step)
 ATTENTION = "world_tag_mask"
-CACHE_DIR = os.environ.get("EDIT_LOC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "edit-localization"))
-DEFAULT_FOLDER = os.path.join(CACHE_DIR, "world")
+# The trained model ships in the repository (world_model/: 3.9 MB, trained by `python world.py` with these settings),
+# so the planting checks run in the tests and `--model world` starts at once; delete it to train again.
+DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world_model")
 
 
 def settings(steps=STEPS):
@@ -240,8 +241,8 @@ def train(model, tokenizer, facts, steps, log=print):
 # ---- Save, load, cache
 
 def load(folder=None, steps=STEPS, log=None):
-    """(model, tokenizer, about) of the world model in `folder` (default: ~/.cache/edit-localization/world, or
-    $EDIT_LOC_CACHE/world), trained there on first use. The model is in eval mode with the planted mask active.
+    """(model, tokenizer, about) of the world model in `folder` (default: the shipped world_model/), trained there
+    on first use. The model is in eval mode with the planted mask active.
     about: {model, note, planted_heads ('L.H'), csv (the questions), folder}."""
     from transformers import AutoTokenizer, LlamaForCausalLM
     folder = folder or DEFAULT_FOLDER
