@@ -284,6 +284,10 @@ class FineTunedJudge:
                              "to skip Truth and Info.") from None
         if meta["kind"] != kind:
             raise SystemExit(f"{path} is a {meta['kind']} judge, not a {kind} judge: pass the {kind} judge file")
+        broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if broken:
+            raise SystemExit(f"cannot load the {kind} judge {path!r}: {broken[0]} holds NaN or inf values (a damaged "
+                             "file): retrain it with python train_judge.py, or restore the shipped judges/ from git")
         self.kind, self.batch_size, self.meta = kind, batch_size, meta
         self.model, self.tokenizer = base_model(meta["base_model"], device, "float32")
         check_supported(self.model)

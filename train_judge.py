@@ -100,6 +100,9 @@ def read_judge_set(path, kind):
         raise SystemExit(f"--{kind}-data {path}: not an official judge set ({e}); pass finetune_{kind}.jsonl(.gz) "
                          f"(shipped as data/finetune_{kind}.jsonl.gz)") from None
     keys = sorted(votes)
+    if not keys:
+        raise SystemExit(f"--{kind}-data {path} holds no judge-set rows: pass finetune_{kind}.jsonl(.gz) (shipped as "
+                         f"data/finetune_{kind}.jsonl.gz)")
     return [k[0] for k in keys], [k[1] for k in keys], np.array([np.mean(votes[k]) for k in keys], np.float32)
 
 
