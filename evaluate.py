@@ -184,7 +184,7 @@ def check_edit_split(t, args):
     seed, data = t.meta.get("seed"), t.meta.get("data") or (t.meta.get("run") or {}).get("data")
     if seed is not None and str(seed) != str(args.seed):
         raise SystemExit(f"{t.edit_file} was fitted with --seed {seed}, this run scores --seed {args.seed}: its "
-                         "training questions would be among the scored ones; pass --seed {seed} or refit the edit")
+                         f"training questions would be among the scored ones; pass --seed {seed} or refit the edit")
     ours = tqa.data_version(args.data)
     if isinstance(data, dict) and (data.get("sha256"), data.get("data") == "hub") != (ours["sha256"],
                                                                                        ours["data"] == "hub"):

@@ -63,7 +63,7 @@ def edited_copy(w, name, change):
 
 def nan_edit(w):
     def change(t, meta):
-        key = next(k for k in t if t[k].is_floating_point())
+        key = "offset" if "offset" in t else next(k for k in t if t[k].is_floating_point())
         t[key].view(-1)[0] = float("nan")
     return edited_copy(w, "nan.safetensors", change)
 
@@ -210,10 +210,12 @@ CASES = [
     ("evaluate: a missing judge, before any scoring", evaluate.main,
      lambda w: [*TINY, "--data", w["csv"], "--skip", "mc,text", "--truth-judge", w["root"] + "/none.safetensors",
                 "--out", w["root"] + "/res/j2.json"], "judge"),
-    ("train_judge: --folds 0", train_judge.main,
-     lambda w: ["--folds", "0", *JUDGE_SETS, "--out", w["root"] + "/judges"], "folds"),
-    ("train_judge: --folds 1", train_judge.main,
-     lambda w: ["--folds", "1", *JUDGE_SETS, "--out", w["root"] + "/judges"], "folds"),
+    ("train_judge: --holdout 0 (nothing to measure on)", train_judge.main,
+     lambda w: ["--holdout", "0", *JUDGE_SETS, "--out", w["root"] + "/judges"], "holdout"),
+    ("train_judge: --holdout 1", train_judge.main,
+     lambda w: ["--holdout", "1", *JUDGE_SETS, "--out", w["root"] + "/judges"], "holdout"),
+    ("train_judge: --epochs 0", train_judge.main,
+     lambda w: ["--epochs", "0", *JUDGE_SETS, "--out", w["root"] + "/judges"], "epochs"),
     ("train_judge: an empty judge set", train_judge.main,
      lambda w: ["--truth-data", tiny_judge_set(w, []), "--info-data", tiny_judge_set(w, []),
                 "--out", w["root"] + "/judges"], "empty|no "),

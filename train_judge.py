@@ -358,6 +358,11 @@ def main(argv=None):
     from models import load_model
     from runfiles import run_info
     args = parse_args(argv)
+    if not 0 < args.holdout < 0.5:
+        raise SystemExit(f"--holdout {args.holdout}: give the share of questions held out for measuring, between 0 "
+                         "and 0.5 (default 0.15); without a held-out share the judge's accuracy cannot be measured")
+    if not (args.epochs > 0 and args.lr > 0 and args.train_pairs >= 0 and args.test_pairs >= 0):
+        raise SystemExit("--epochs and --lr must be positive, --train-pairs and --test-pairs 0 (all) or more")
     run = run_info(args)
     if argv is not None:  # called from Python (a test): record the command a user would type
         run["command"] = "python train_judge.py " + shlex.join(argv)
