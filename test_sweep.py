@@ -126,3 +126,36 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     redone = {line[len("redoing "):].split(" (")[0] for line in out.splitlines() if line.startswith("redoing ")}
     assert redone == {n for n in names if n.startswith("ipo ")} and "other settings" in out
     assert os.path.getmtime(units[1]["steps"][-1][1][0]) == stamp  # the baseline was kept
+
+
+def test_a_stage_in_its_own_process_dies_with_the_sweep(tmp_path):
+    """--subprocess: a stage must not run on alone when the sweep is killed, even by kill -9 (PDEATHSIG)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time, sweep\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "preexec_fn=sweep._die_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")], cwd=sweep.HERE)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(50):  # the child gets SIGTERM from the kernel when its parent dies
+        try:
+            os.kill(child, 0)
+            if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+                break  # a zombie: dead, waiting to be reaped by init
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the stage outlived the killed sweep")
