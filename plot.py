@@ -97,7 +97,7 @@ def curves_panel(sweep, lines, x, y, title):
             for p in points if annotate else []:  # the grid value beside each point
                 ax.annotate(f"{knob(method)}={p['grid']:g}", (p[x], p[y]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points", color=style.get("color"))
-        base = results.baseline(sweep, None) or {}
+        base = results.baseline(sweep, points[0] if points else None) or {}  # evaluated like the curves
         if base.get(x) is not None and base.get(y) is not None:
             ax.errorbar([base[x]], [base[y]], xerr=error_bars([base], x, [base[x]]),
                         yerr=error_bars([base], y, [base[y]]), fmt="k*", ms=11, label="unedited", zorder=5,
@@ -202,7 +202,8 @@ def figures(sweep, claimed, metric, args):
     """[(file name, title, [(panel name, panel)])]: the paper's figures 1-5 (method.md section 4), IPO convergence,
     the test's calibration and the ablation."""
     r, level = results.roles(sweep, claimed), args.level
-    k, base = r["k"], (results.baseline(sweep, None) or {}).get(metric)
+    like = next((pts[0] for (method, _), pts in sweep["curves"].items() if method != "ablate" and pts), None)
+    k, base = r["k"], (results.baseline(sweep, like) or {}).get(metric)  # the unedited model evaluated like the edits
     pool_name = f"random {k}-head sets"
     claimed_style = {"color": CLAIMED_COLOR, "lw": 2, "annotate": True, "zorder": 4}
 
