@@ -1,7 +1,7 @@
 """evaluate.py - score the model under test, unedited or edited, on TruthfulQA: MC1/MC2/MC3, greedy generations judged
 for Truth and Info, and CE / KL(original || edited) on unrelated text (method.md section 3).
 
-Reads:  --data TruthfulQA.csv; --edit files written by iti.py / ipo_edit.py (several: evaluated together, in one pass:
+Reads:  --data (default: the shipped data/TruthfulQA.csv); --edit files written by iti.py / ipo_edit.py (several: evaluated together, in one pass:
         every forward runs rows of all the edits at once, heads.EditBatch; the word `none` stands for the unedited
         baseline); the judges (judges/*.safetensors, or any causal LM); --text.
 Writes: --out NAME.json (metrics, the edit's metadata, settings, precision, provenance) and NAME.jsonl beside it, one row

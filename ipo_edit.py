@@ -13,7 +13,7 @@ on disk, and shared by every tau. Validation loss and margin on pairs of the VAL
 --val-every steps and at each epoch's end. --dtype mixed is the fast precision (models.bf16_linears: the matrix
 products in bf16); the edit, its optimizer state, the log-softmax and the sums of log-probs stay float32.
 
-Reads:  --data TruthfulQA.csv, --model, --probe RUN/probe (for --heads top:K; it must be of this model).
+Reads:  --data (default: the shipped data/TruthfulQA.csv), --model, --probe RUN/probe (for --heads top:K; it must be of this model).
 Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all", tau, param, lr, settings, precision),
         a training log beside it (NAME.log.json, written first: a kill between the two loses nothing), a checkpoint
         while training (NAME.ckpt: edit + optimizer, every --checkpoint-every steps; a killed run resumes from it),
@@ -22,7 +22,7 @@ Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all",
         with the same settings is skipped; one trained with other settings is trained again, with a line saying why.
 
 Example:
-  python ipo_edit.py --data TruthfulQA.csv --heads top:16 --probe runs/smollm2/probe --tau 0.1 0.3 0.5 \
+  python ipo_edit.py --heads top:16 --probe runs/smollm2/probe --tau 0.1 0.3 0.5 \
       --max-pairs 200 --out runs/smollm2/edits/
 """
 import argparse

@@ -12,7 +12,7 @@ the probe weight vector, a seeded random Gaussian) and sigma = std(o . u) for ea
 The random other question is drawn uniformly from the other train+val questions in use (never a test question), one
 draw per probe input, by numpy's default_rng(--seed) after the (optional) --max-questions subsample.
 
-Reads:  --data TruthfulQA.csv, the model.
+Reads:  --data (default: the shipped data/TruthfulQA.csv), the model.
 Writes: OUT/activations.safetensors  head outputs [N, L, H, D] (float16), labels, question ids, split; a cache:
                                      re-running with the same arguments reuses it, other arguments are refused
         OUT/probe.safetensors        accuracy [L,H], direction_{mass_mean,probe,random} [L,H,D], sigma_* [L,H],
@@ -20,7 +20,7 @@ Writes: OUT/activations.safetensors  head outputs [N, L, H, D] (float16), labels
                                      mean [L,H,D] (each head's mean output over train+val: iti.py --ablate)
         OUT/probe.json               ranking (best first), geometry, model, fingerprint, seed, split sizes, run info
 
-    python probe.py --model smollm2-135m --data TruthfulQA.csv --seed 0 --out runs/smollm2/probe
+    python probe.py --model smollm2-135m --seed 0 --out runs/smollm2/probe
 """
 import argparse
 import hashlib

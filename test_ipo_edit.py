@@ -1,6 +1,6 @@
 """Tests of ipo_edit.py: the IPO loss by hand, step 0, learning, head masking, the LoRA equivalence, refusals.
 
-Run: python -m pytest -q test_ipo_edit.py   (the real-data test skips when ../shared/data is absent)
+Run: python -m pytest -q test_ipo_edit.py
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """Foundation tests: the hook helper (heads.py), the data (tqa.py), the models (models.py).
 
-Run: python -m pytest -q   (tests that need ../shared/data skip when it is absent)
+Run: python -m pytest -q
 """
 import csv
 import os
