@@ -26,6 +26,7 @@ Writes: RUN/probe, RUN/edits, RUN/results, RUN/figures, RUN/report.md, RUN/repor
 """
 import argparse
 import json
+import math
 import os
 import runpy
 import shlex
@@ -140,7 +141,6 @@ def parse_args(argv=None):
         raise SystemExit(f"--methods {','.join(args.methods)}: choose from iti, ipo, ablate (comma-separated)")
     if args.n_random_ipo is None:
         args.n_random_ipo = min(d["n_random_ipo"], args.n_random)
-    import math
     for name in ("max_pairs", "max_val_pairs", "max_questions", "n_texts"):
         if (getattr(args, name) or 0) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (all) or a positive count")
