@@ -28,18 +28,16 @@ import argparse
 import json
 import math
 import os
-import runpy
 import shlex
-import subprocess
 import sys
 import time
-import traceback
 
 import heads
 import models
 import tqa
+from sweep_steps import (HERE, batches, done, read_jsonl, record_done, remove_outputs, run_command,
+                         stale)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # Wang & Veitch's sizes on a GPU (with ITI's alpha 15 in the grid); course sizes on a CPU, with 19 random ITI sets so
 # that a rank p-value can reach 0.05, and the model's own text for CE/KL (offline: no hub retries per evaluation)
 PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
@@ -169,15 +167,21 @@ def evaluate_command(args, edits, instruction=None, out=None):
                                                        if args.max_questions else []), *shlex.split(args.eval_args)]
 
 
+def evaluations(args, edits, instruction=None):
+    """One evaluation step per edit file, each recorded as its own one-edit evaluate.py command (the sweep runs a
+    stage's steps together: sweep_steps.batches)."""
+    results = [f"{args.out}/results/{os.path.basename(e)[:-len('.safetensors')]}.json" for e in edits]
+    return [(evaluate_command(args, [e], instruction, r), [r]) for e, r in zip(edits, results)]
+
+
 def edit_unit(args, method, spec):
-    """Fit the edits of one head set over the grid, then evaluate them."""
+    """Fit the edits of one head set over the grid (its first step), then evaluate each (one step per edit)."""
     probe = f"{args.out}/probe"
     if method == "ablate":  # one edit, no grid: the heads' outputs replaced by their mean (the necessity trial)
         edits = [f"{args.out}/edits/ablate-{heads.spec_name(spec)}.safetensors"]
         fit = ["iti.py", "--probe", probe, "--heads", spec, "--ablate", "--out", edits[0]]
-        results = [f"{args.out}/results/{os.path.basename(edits[0])[:-len('.safetensors')]}.json"]
-        return {"name": f"{method} {spec}", "kind": method, "points": 1,
-                "steps": [(fit, edits), (evaluate_command(args, edits, args.ablate_instruction, results[0]), results)]}
+        return {"name": f"{method} {spec}", "kind": method, "points": 1, "fits": 1,
+                "steps": [(fit, edits), *evaluations(args, edits, args.ablate_instruction)]}
     grid, letter = (args.alphas, "a") if method == "iti" else (args.taus, "t")
     pattern = f"{args.out}/edits/{method}-{heads.spec_name(spec)}-{letter}{{{'alpha' if method == 'iti' else 'tau'}}}.safetensors"
     value = (lambda g: f"{g:g}") if method == "iti" else (lambda g: str(float(g)))  # as each script names its files
@@ -193,25 +197,24 @@ def edit_unit(args, method, spec):
                "--max-val-pairs", str(args.max_val_pairs), "--lr-scale", f"{args.lr_scale:g}",
                *(["--instruction", args.instruction] if args.instruction != "default" else []),
                *shlex.split(args.ipo_args)]
-    results = [f"{args.out}/results/{os.path.basename(e)[:-len('.safetensors')]}.json" for e in edits]
-    return {"name": f"{method} {spec}", "kind": method, "points": len(grid),
-            "steps": [(fit, edits), (evaluate_command(args, edits), results)]}
+    return {"name": f"{method} {spec}", "kind": method, "points": len(grid), "fits": 1,
+            "steps": [(fit, edits), *evaluations(args, edits)]}
 
 
 def probe_unit(args):
     cmd = ["probe.py", *model_data_args(args), "--out", f"{args.out}/probe", *shlex.split(args.probe_args)]
-    return {"name": "probe", "kind": "probe", "points": 1,
+    return {"name": "probe", "kind": "probe", "points": 1, "fits": 1,
             "steps": [(cmd, [f"{args.out}/probe/probe.json", f"{args.out}/probe/probe.safetensors"])]}
 
 
 def plan(args):
     """[unit] after the probe: the baseline, then one unit per (method, head set). The single heads are drawn from
     the probe's geometry (random:M:SEED: M distinct heads), so they are planned once the probe exists."""
-    units = [{"name": "baseline", "kind": "evaluate", "points": 1,
+    units = [{"name": "baseline", "kind": "evaluate", "points": 1, "fits": 0,
               "steps": [(evaluate_command(args, ["none"]), [f"{args.out}/results/baseline.json"])]}]
     if "ablate" in args.methods and args.ablate_instruction != args.instruction:  # the ablation trial's own baseline
         out = f"{args.out}/results/baseline-{args.ablate_instruction}.json"
-        units.append({"name": "baseline for ablation", "kind": "evaluate", "points": 1,
+        units.append({"name": "baseline for ablation", "kind": "evaluate", "points": 1, "fits": 0,
                       "steps": [(evaluate_command(args, ["none"], args.ablate_instruction, out), [out])]})
     claimed = args.claimed or f"top:{args.k}"
     probe_json = f"{args.out}/probe/probe.json"
@@ -238,129 +241,78 @@ def plan(args):
     return units + [edit_unit(args, "ablate", spec) for spec in [claimed] + randoms if "ablate" in args.methods]
 
 
-# ---- Which steps are done: their files exist AND were made by the same command (same settings). A record of each
-# finished step is appended to RUN/sweep_done.jsonl; a step whose files were made with other settings is redone.
-
-def done_path(step):
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step[1][0]))), "sweep_done.jsonl")
-
-
-def read_jsonl(path):
-    """The rows of a JSON-lines file; a line cut short by a kill (or otherwise unreadable) is dropped."""
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
-
-
-def made_by(step):
-    """{output file: the command that last made it}, from the run's record."""
-    return {out: row["command"] for row in read_jsonl(done_path(step)) for out in row["outputs"]}
-
-
-def stale(step):
-    """Why a step's existing files cannot be reused (None: they can, or there are none yet)."""
-    cmd, outputs = step
-    if not all(os.path.isfile(p) for p in outputs):
-        return None
-    record = made_by(step)
-    differing = [p for p in outputs if record.get(p) != cmd]
-    if not differing:
-        return None
-    if all(p not in record for p in differing):
-        if cmd[0] == "probe.py":  # a probe run by hand (as for shards): probe.py checks its own cache's settings
-            return None
-        return f"{os.path.basename(differing[0])} has no record of the settings that made it"
-    old = next(record[p] for p in differing if p in record)
-    changed = [a for a in cmd if a not in old] or [a for a in old if a not in cmd]
-    return f"{os.path.basename(differing[0])} was made with other settings (now: {' '.join(changed[:6])})"
-
-
-def done(step):
-    return all(os.path.isfile(path) for path in step[1]) and stale(step) is None
-
-
-def record_done(step):
-    with open(done_path(step), "a") as f:  # one short line per step: shards may append at once
-        f.write(json.dumps({"outputs": step[1], "command": step[0]}) + "\n")
-
-
-# ---- Running
-
-def _die_with_parent():
-    """In a stage's child process (Linux): receive SIGTERM when the sweep dies, even by kill -9."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def run_command(argv, in_subprocess):
-    """Run `python SCRIPT ARGS` (here or in a child process); returns an exit code, 0 for success."""
-    print("$ python " + shlex.join(argv), flush=True)
-    script = os.path.join(HERE, argv[0])
-    if in_subprocess:
-        child = subprocess.Popen([sys.executable, script, *argv[1:]], preexec_fn=_die_with_parent)
-        try:
-            return child.wait()
-        except BaseException:  # Ctrl-C or a kill of the sweep: the stage must not run on alone
-            child.terminate()
-            child.wait()
-            raise
-    saved = sys.argv
-    sys.argv = [script, *argv[1:]]
-    try:
-        runpy.run_path(script, run_name="__main__")
-        return 0
-    except SystemExit as e:  # the stage's own one-sentence error, or sys.exit(code)
-        if isinstance(e.code, str):
-            print(f"error: {e.code}", file=sys.stderr)
-        return e.code if isinstance(e.code, int) else 1
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        sys.argv = saved
-
+# ---- Running: stage by stage (the baseline and ITI, then IPO, then the ablations). Each unit's edits are fitted,
+# then every pending evaluation of the stage runs in one evaluate.py call (sweep_steps.batches).
 
 def estimate(units, times_path):
-    """Seconds left for `units`, from the measured seconds per grid point of each kind; None for unmeasured kinds."""
+    """Seconds left for `units`, from the measured seconds per grid point of each kind of fit and per evaluated edit;
+    None for kinds not yet measured."""
     rates = {}
     for row in read_jsonl(times_path):
-        rates.setdefault(row["kind"], []).append(row["seconds"] / row["points"])
-    kinds = {u["kind"] for u in units}
-    seconds = sum(sum(rates[u["kind"]]) / len(rates[u["kind"]]) * u["points"] for u in units if u["kind"] in rates)
-    return seconds, sorted(kinds - set(rates))
+        if {"kind", "seconds", "points"} <= set(row) and row["points"]:
+            rates.setdefault(row["kind"], []).append(row["seconds"] / row["points"])
+    rate = {kind: sum(r) / len(r) for kind, r in rates.items()}
+    seconds, unmeasured = 0.0, set()
+    for unit in units:
+        n_fit = unit["fits"]
+        for kind, points in ((unit["kind"], unit["points"] if not all(map(done, unit["steps"][:n_fit])) else 0),
+                             ("evaluate", sum(not done(s) for s in unit["steps"][n_fit:]))):
+            if points and kind in rate:
+                seconds += rate[kind] * points
+            elif points:
+                unmeasured.add(kind)
+    return seconds, sorted(unmeasured)
 
 
-def run_unit(unit, args, times_path):
-    """Run the unit's steps that have not written their files; returns the failed command, or None."""
-    start = time.time()
-    redo = False
-    for step in unit["steps"]:
-        why = stale(step)
-        if (why or redo) and any(os.path.isfile(p) for p in step[1]):  # a fit redone makes its evaluation stale too
-            print(f"redoing {unit['name']} ({why or 'its edits were redone'})", flush=True)
-            for path in step[1]:
-                for old in (path, path[:-len(".json")] + ".jsonl" if path.endswith(".json") else None):
-                    if old and os.path.isfile(old):
-                        os.remove(old)
-        if not done(step):
-            redo = True
-            if run_command(step[0], args.subprocess):
-                return f"{unit['name']}: python {shlex.join(step[0])}"
-            record_done(step)
-    with open(times_path, "a") as f:  # one short line per unit: shards may append at once
-        f.write(json.dumps({"unit": unit["name"], "kind": unit["kind"], "points": unit["points"],
+def log_time(times_path, name, kind, points, start):
+    with open(times_path, "a") as f:  # one short line per fit or evaluate call: shards may append at once
+        f.write(json.dumps({"unit": name, "kind": kind, "points": points,
                             "seconds": round(time.time() - start, 2)}) + "\n")
-    return None
+
+
+def fit_unit(unit, args, times_path):
+    """Fit the unit's edits unless done; returns (the failed command or None, whether they were (re)made)."""
+    start, made = time.time(), False
+    for step in unit["steps"][:unit["fits"]]:
+        why = stale(step)
+        if why:
+            print(f"redoing {unit['name']} ({why})", flush=True)
+            remove_outputs(step)
+        if not done(step):
+            made = True
+            if run_command(step[0], args.subprocess):
+                return f"{unit['name']}: python {shlex.join(step[0])}", made
+            record_done(step)
+    if made:
+        log_time(times_path, unit["name"], unit["kind"], unit["points"], start)
+    return None, made
+
+
+def run_stage(units, args, times_path):
+    """Fit each unit's edits, then evaluate every pending edit of the stage together; returns the failed commands."""
+    failed, pending = [], []
+    for unit in units:
+        if unit["fits"]:
+            print(f"\n[fit] {unit['name']}", flush=True)
+        error, made = fit_unit(unit, args, times_path)
+        failed += [error] if error else []
+        for step in unit["steps"][unit["fits"]:] if not error else ():
+            why = "its edits were redone" if made else stale(step)
+            if why and any(os.path.isfile(p) for p in step[1]):
+                if not made:  # (a refit has said so already)
+                    print(f"redoing {unit['name']} ({os.path.basename(step[1][0])}: {why})", flush=True)
+                remove_outputs(step)
+            pending += [step] if not done(step) else []
+    for cmd, part in batches(pending):
+        print(f"\n[evaluate] {len(part)} edit{'s' * (len(part) > 1)} in one call", flush=True)
+        start = time.time()
+        if run_command(cmd, args.subprocess):
+            failed.append(f"evaluate: python {shlex.join(cmd)}")
+            continue
+        for step in part:
+            record_done(step)
+        log_time(times_path, f"evaluate {len(part)} edits", "evaluate", len(part), start)
+    return failed
 
 
 def main(argv=None):
@@ -376,7 +328,7 @@ def main(argv=None):
                              + shlex.join(probe["steps"][0][0]))
         if args.dry_run:
             print("probe:\n  python " + shlex.join(probe["steps"][0][0]))
-        elif run_unit(probe, args, times_path):
+        elif fit_unit(probe, args, times_path)[0]:
             raise SystemExit("the probe failed: every other stage needs it (see its message above)")
     units = plan(args)
     left = [u for u in units if not all(map(done, u["steps"]))]
@@ -386,16 +338,19 @@ def main(argv=None):
           f"shard ({args.shard}); time left: {seconds / 60:.1f} min" + (
               f" plus the units of kinds not yet timed ({', '.join(unmeasured)}: known after one of each has run)"
               if unmeasured else ""), flush=True)
+    stages = [[u for u in mine if u["kind"] in kinds] for kinds in (("evaluate", "iti"), ("ipo",), ("ablate",))]
     if args.dry_run:
-        for unit in mine:
-            print(f"{unit['name']}:\n" + "".join(f"  python {shlex.join(cmd)}\n" for cmd, out in unit["steps"]
-                                                   if not done((cmd, out))))
+        for stage in stages:
+            for unit in stage:
+                print(f"{unit['name']}:\n" + "".join(f"  python {shlex.join(cmd)}\n" for cmd, out in
+                                                       unit["steps"][:unit["fits"]] if not done((cmd, out))))
+            evals = [s for u in stage for s in u["steps"][u["fits"]:] if not done(s)]
+            for cmd, part in batches(evals):
+                print(f"evaluate ({len(part)} edits in one call):\n  python {shlex.join(cmd)}")
         return
     failed = []
-    for i, unit in enumerate(mine):
-        print(f"\n[{i + 1}/{len(mine)}] {unit['name']}", flush=True)
-        failed += [run_unit(unit, args, times_path)] if not all(map(done, unit["steps"])) else []
-    failed = [f for f in failed if f]
+    for stage in stages:
+        failed += run_stage(stage, args, times_path)
     if all(all(map(done, u["steps"])) for u in units):
         claimed = args.claimed or f"top:{args.k}"
         for stage in (["plot.py", "--runs", args.out, "--claimed", claimed],

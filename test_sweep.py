@@ -16,6 +16,7 @@ import heads
 import models
 import runfiles
 import sweep
+import sweep_steps
 
 torch.set_num_threads(1)
 STAGES = ["probe.py", "iti.py", "ipo_edit.py", "evaluate.py"]
@@ -40,9 +41,10 @@ def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjoint
     singles = [s for s in ipo if s.startswith("single:")]
     assert ipo[:3] == iti[:3] and ipo[-1] == "all" and len(set(singles)) == 6  # IPO reuses the first random sets
     for unit in units[1:]:
-        fit, evaluate = unit["steps"]
-        assert len(fit[1]) == unit["points"] == {"iti": 2, "ipo": 3, "ablate": 1}[unit["kind"]]
-        assert [os.path.basename(r)[:-5] for r in evaluate[1]] == [os.path.basename(e)[:-12] for e in fit[1]]
+        fit, evaluations = unit["steps"][0], unit["steps"][1:]
+        assert unit["fits"] == 1 and len(fit[1]) == unit["points"] == {"iti": 2, "ipo": 3, "ablate": 1}[unit["kind"]]
+        assert [os.path.basename(r)[:-5] for _, (r,) in evaluations] == [os.path.basename(e)[:-12] for e in fit[1]]
+        assert all(cmd[cmd.index("--edit") + 1] == e for (cmd, _), e in zip(evaluations, fit[1]))  # one edit each
     shards = []
     for i in range(3):  # each shard prints its commands: together they cover the plan once
         sweep.main(["--model", "tiny-llama", "--out", run, "--k", "3", "--n-random", "5", "--n-random-ipo", "2",
@@ -50,6 +52,22 @@ def test_plan_shares_random_sets_draws_distinct_single_heads_and_shards_disjoint
         shards.append([line[:-1] for line in capsys.readouterr().out.splitlines() if line.endswith(":")
                        and line.split()[0] in ("baseline:", "iti", "ipo", "ablate")])
     assert sorted(sum(shards, [])) == sorted(names) and all(shards)
+
+
+def test_evaluations_are_batched_by_settings_and_folder():
+    """sweep_steps.batches: one call per (settings, folder); a result not named after its edit runs alone."""
+    def step(edit, out, instruction="default"):
+        return (["evaluate.py", "--model", "m", "--edit", edit, "--split", "test", "--out", out, "--instruction",
+                 instruction], [out])
+    steps = [step("none", "r/baseline.json"), step("e/a.safetensors", "r/a.json"), step("e/b.safetensors", "r/b.json"),
+             step("e/c.safetensors", "r/c.json", "none"), step("none", "r/baseline-none.json", "none"),
+             step("e/d.safetensors", "q/d.json")]
+    calls = sweep_steps.batches(steps)
+    assert [len(part) for _, part in calls] == [3, 1, 1, 1]
+    assert calls[0][0] == ["evaluate.py", "--model", "m", "--edit", "none", "e/a.safetensors", "e/b.safetensors",
+                           "--split", "test", "--out", "r", "--instruction", "default"]
+    assert [cmd for cmd, _ in calls[1:]] == [steps[3][0], steps[4][0], steps[5][0]]  # alone: exactly as recorded
+    assert [len(part) for _, part in sweep_steps.batches(steps[:3], most=2)] == [2, 1]
 
 
 def test_claimed_sets_are_parsed_by_heads_and_size_the_random_sets(tmp_path, capsys):
@@ -96,7 +114,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
         for _, outputs in unit["steps"]:
             for path in outputs:
                 assert os.path.isfile(path), path
-        for path in unit["steps"][-1][1]:
+        for _, (path,) in unit["steps"][unit["fits"]:]:
             result = json.load(open(path))
             assert set(result["metrics"]) >= METRIC_KEYS and result["metrics"]["n_questions"] >= 1
             assert all(result["metrics"][k] is not None for k in METRIC_KEYS - {"truth", "info", "info_truth"})
@@ -115,6 +133,14 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     report = json.load(open(f"{run}/report.json"))
     assert report["metric"] == "mc2" and report["trials"]["ITI"]["mc2"]["rank_test"]["of"] == 3
     assert "plumbing check" in open(f"{run}/report.md").read()
+    # every stage's edits were evaluated in one call, and equal an evaluation of one edit alone (its recorded command)
+    times = sweep.read_jsonl(f"{run}/sweep_times.jsonl")
+    assert [r["points"] for r in times if r["kind"] == "evaluate"] == [4, 4, 3]  # baseline + 3 ITI; 4 IPO; 3 ablations
+    cmd, (batched,) = units[2]["steps"][1]
+    alone = str(tmp_path / "alone.json")
+    sweep.run_command(cmd[:cmd.index("--out") + 1] + [alone] + cmd[cmd.index("--out") + 2:], False)
+    a, b = json.load(open(alone))["metrics"], json.load(open(batched))["metrics"]
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in METRIC_KEYS - {"truth", "info", "info_truth", "n_questions"}), (a, b)
     stamp = os.path.getmtime(units[1]["steps"][-1][1][0])
     sweep.main(argv)  # resume: nothing left, nothing rewritten
     assert "0 left" in capsys.readouterr().out and os.path.getmtime(units[1]["steps"][-1][1][0]) == stamp
@@ -136,9 +162,9 @@ def test_a_stage_in_its_own_process_dies_with_the_sweep(tmp_path):
     import time
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time, sweep\n"
+        "import subprocess, sys, time, sweep_steps\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
-        "preexec_fn=sweep._die_with_parent)\n"
+        "preexec_fn=sweep_steps._die_with_parent)\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
         "time.sleep(60)\n")], cwd=sweep.HERE)
     for _ in range(100):
