@@ -3,7 +3,8 @@
 For every (question, answer) of the train and validation questions, one probe input
 `Q: {question} A: {answer} Q: {random other question}` (the paper's (x, y, x_random); --prompt-format plain gives
 ITI's own `Q: {question} A: {answer}`), labelled 1 for a correct answer and 0 for an incorrect one. One forward pass
-per padded batch records every head's output o_h^l at the input's last token. Then an L2 logistic-regression probe
+per padded batch records every head's output o_h^l at the input's last token (probe_cache.py: collected once, in
+resumable parts, and reused by a re-run with the same arguments). Then an L2 logistic-regression probe
 per head (scikit-learn's LogisticRegression(C=1.0), all L*H heads solved at once by preconditioned conjugate gradients)
 is fit on train questions and scored on validation questions; heads are ranked by validation accuracy, ties by index.
 Per head it also computes three unit directions on the train+val activations (mass-mean shift mean(true)-mean(false),
@@ -23,18 +24,15 @@ Writes: OUT/activations.safetensors  head outputs [N, L, H, D] (float16), labels
     python probe.py --model smollm2-135m --seed 0 --out runs/smollm2/probe
 """
 import argparse
-import hashlib
-import json
 import os
-import shutil
 import warnings
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import heads
 import models
+import probe_cache
 import runfiles
 import tqa
 
@@ -50,8 +48,6 @@ parser.add_argument("--max-questions", type=int, default=None,
 parser.add_argument("--top", type=int, default=16, help="how many top heads to print")
 
 C = 1.0  # inverse L2 strength of scikit-learn's LogisticRegression default, which ITI used
-CACHE, PARTS = "activations.safetensors", "activations.partial"
-PART_SIZE = 256  # probe inputs per resumable part of the activation cache
 CHUNK_BYTES = 64 * 2 ** 20  # heads are fit in chunks of about this many bytes of float32 features
 
 
@@ -221,7 +217,7 @@ def head_statistics(head_outputs, labels, probe_weight, seed):
     return directions, sigmas, mean
 
 
-# ---- Probe inputs and the activation cache
+# ---- Probe inputs (their head outputs are collected and cached by probe_cache.py)
 
 def probe_examples(questions, seed, prompt_format, max_questions=None):
     """(examples, sizes): one dict {text, label, question_id, split} per (train+val question, answer)."""
@@ -266,82 +262,6 @@ def check_labels(examples, questions):
                                  "answers; use a TruthfulQA CSV or more --max-questions")
 
 
-def cache_key(args, examples):
-    """What the cached activations depend on: the model and every probe input (hashed)."""
-    digest = hashlib.sha256(json.dumps([(e["text"], e["label"]) for e in examples]).encode()).hexdigest()
-    return {"model": args.model, "dtype": args.dtype, "seed": args.seed, "prompt_format": args.prompt_format,
-            "max_questions": args.max_questions, "examples_sha256": digest}
-
-
-def check_key(found, wanted, where, out):
-    diff = [k for k in wanted if found.get(k) != wanted[k]]
-    if diff:
-        was = ", ".join(f"{k}={found.get(k)!r}" for k in diff if k != "examples_sha256")
-        now = ", ".join(f"{k}={wanted[k]!r}" for k in diff if k != "examples_sha256")
-        raise SystemExit(f"{where} holds activations made with other arguments ({was or 'other --data'}; this run: "
-                         f"{now or 'this --data'}): pass another --out, or delete {where} to recompute")
-
-
-def read_cache(out, key):
-    """The cached (head_outputs [N, L, H, D] float16, fingerprint), or None when there is no complete cache."""
-    from safetensors import safe_open
-    path = os.path.join(out, CACHE)
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(out, PARTS, "key.json")):
-            with open(os.path.join(out, PARTS, "key.json")) as f:
-                check_key(json.load(f), key, os.path.join(out, PARTS), out)
-        return None
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        check_key(json.loads(meta["key"]), key, path, out)
-        return f.get_tensor("head_outputs"), json.loads(meta["fingerprint"])
-
-
-def collect_head_outputs(model, tokenizer, texts, out, key, batch_size, device):
-    """o_h^l at each text's last token: [N, L, H, D] float16. Longest texts first (least padding, and an
-    out-of-memory batch shows at once); every PART_SIZE texts are saved, so a killed run resumes where it was."""
-    from safetensors.torch import load_file, save_file
-    parts = os.path.join(out, PARTS)
-    os.makedirs(parts, exist_ok=True)
-    runfiles.write_json(os.path.join(parts, "key.json"), key)
-    tokenizer.padding_side = "right"
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
-    sorted_outputs = []
-    progress = tqdm(total=len(texts), desc="head outputs", unit="input")
-    for start in range(0, len(texts), PART_SIZE):
-        path = os.path.join(parts, f"part-{start:07d}.safetensors")
-        if not os.path.exists(path):
-            batches = []
-            for b in range(start, min(start + PART_SIZE, len(texts)), batch_size):
-                idx = order[b:min(b + batch_size, start + PART_SIZE)]
-                enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-                positions = heads.last_positions(enc["attention_mask"])
-                batches.append(heads.record_heads(model, positions, **enc).half().cpu())  # [batch, L, H, D]
-                progress.update(len(idx))
-            part = torch.cat(batches)
-            runfiles.write_atomic(path, lambda tmp: save_file({"head_outputs": part}, tmp))
-        else:
-            part = load_file(path)["head_outputs"]
-            progress.update(len(part))
-        sorted_outputs.append(part)
-    progress.close()
-    head_outputs = torch.empty_like(torch.cat(sorted_outputs))
-    head_outputs[torch.tensor(order)] = torch.cat(sorted_outputs)
-    return head_outputs
-
-
-def write_cache(out, key, head_outputs, examples, fingerprint):
-    from safetensors.torch import save_file
-    tensors = {"head_outputs": head_outputs.contiguous(),  # [N, L, H, D] float16
-               "labels": torch.tensor([e["label"] for e in examples]),  # [N] 1 correct, 0 incorrect
-               "question_ids": torch.tensor([e["question_id"] for e in examples]),  # [N] row in the question list
-               "is_val": torch.tensor([e["split"] == "val" for e in examples], dtype=torch.uint8)}  # [N]
-    meta = {"key": json.dumps(key), "fingerprint": json.dumps(fingerprint)}
-    runfiles.write_atomic(os.path.join(out, CACHE), lambda tmp: save_file(tensors, tmp, metadata=meta))
-    shutil.rmtree(os.path.join(out, PARTS), ignore_errors=True)
-
-
 # ---- Report
 
 def print_summary(accuracy, ranking, top):
@@ -365,18 +285,18 @@ def main(argv=None):
     questions = tqa.load_truthfulqa(args.data)
     examples, sizes = probe_examples(questions, args.seed, args.prompt_format, args.max_questions)
     check_labels(examples, questions)
-    key = cache_key(args, examples)
-    cached = read_cache(args.out, key)
+    key = probe_cache.cache_key(args, examples)
+    cached = probe_cache.read_cache(args.out, key)
     if cached is not None:
-        print(f"reusing the head outputs cached in {os.path.join(args.out, CACHE)}")
+        print(f"reusing the head outputs cached in {os.path.join(args.out, probe_cache.CACHE)}")
         head_outputs, fingerprint = cached
     else:
         model, tokenizer, _ = models.load_model(args.model, args.dtype, args.device)
         device = heads.out_projections(model)[0].weight.device
-        head_outputs = collect_head_outputs(model, tokenizer, [e["text"] for e in examples], args.out, key,
-                                            args.batch_size, device)
+        head_outputs = probe_cache.collect_head_outputs(model, tokenizer, [e["text"] for e in examples], args.out,
+                                                        key, args.batch_size, device)
         fingerprint = heads.fingerprint(model)
-        write_cache(args.out, key, head_outputs, examples, fingerprint)
+        probe_cache.write_cache(args.out, key, head_outputs, examples, fingerprint)
     N, L, H, D = head_outputs.shape
     geo = heads.Geometry(L, H, D)
     x = head_outputs.view(N, L * H, D)  # [N, G, D]

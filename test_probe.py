@@ -1,5 +1,6 @@
 """Tests of probe.py: the batched probe fit against scikit-learn and the optimality condition, a planted signal,
-the mass-mean direction and sigma by hand, probe inputs, the activation cache (reuse, refusal, resume), end to end.
+the mass-mean direction and sigma by hand, probe inputs, the activation cache (probe_cache.py: reuse, refusal, resume),
+end to end.
 
 Run: python -m pytest -q test_probe.py
 """
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 import heads
 import models
 import probe
+import probe_cache
 import tqa
 
 torch.set_num_threads(1)
@@ -198,7 +200,7 @@ def test_end_to_end_tiny_llama_cache_reuse_refusal_and_resume(tmp_path, monkeypa
     monkeypatch.undo()
 
     # a run killed after its first part resumes from it, and computes the same activations
-    monkeypatch.setattr(probe, "PART_SIZE", 8)
+    monkeypatch.setattr(probe_cache, "PART_SIZE", 8)
     calls, record = [], heads.record_heads
 
     def dying(*args, **kwargs):
