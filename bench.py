@@ -279,18 +279,20 @@ def row_mc_scoring(model, tok, args, device):
 def ipo_work(model, tok, args, device, folder):
     """A training batch of --pairs pairs and a moved edit (b = 0 would make the edited model the reference)."""
     import ipo_edit
+    import ipo_files
+    import ipo_pairs
     geo = heads.geometry(model)
     spec = f"random:{min(args.k, geo.n_layers * geo.n_heads)}:0"
     questions = load_questions(args)
     ipo_args = ipo_edit.build_parser().parse_args([  # ipo_edit's defaults: tau 0.3, mean log-prob, lora1
         "--model", args.model, "--data", args.data, "--device", device, "--heads", spec, "--batch-size", str(args.pairs),
         "--out", folder])
-    pairs = ipo_edit.select_pairs(questions, 2 * args.pairs, ipo_args.seed)  # a seeded subsample, then shuffled
+    pairs = ipo_pairs.select_pairs(questions, 2 * args.pairs, ipo_args.seed)  # a seeded subsample, then shuffled
     pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))]
     if len(pairs) < args.pairs:
         raise SystemExit(f"the IPO rows need --pairs {args.pairs} preference pairs; {args.n_questions} questions give "
                          f"{len(pairs)}: pass more --n-questions")
-    encoded = ipo_edit.encode_pairs(tok, pairs, ipo_args.instruction)
+    encoded = ipo_pairs.encode_pairs(tok, pairs, ipo_args.instruction)
     edit = ipo_edit.make_edit(geo, heads.parse_heads(spec, geo), ipo_args.param, ipo_args.seed, device)
     with torch.no_grad():
         edit.b.copy_(0.1 * torch.randn(edit.b.shape, generator=torch.Generator().manual_seed(2)))
@@ -300,6 +302,8 @@ def ipo_work(model, tok, args, device, folder):
 def ipo_loss_and_grads(model, edit, batch, chosen, rejected, args):
     """[B + 2*L*H*D]: the IPO loss of each pair, then the gradients of a and b."""
     import ipo_edit
+    import ipo_files
+    import ipo_pairs
     edit.zero_grad()
     with heads.edited(model, edit):
         loss = ipo_edit.pair_losses(model, batch, chosen, rejected, args.tau[0], args.logp)[0]  # [B]
@@ -310,6 +314,8 @@ def ipo_loss_and_grads(model, edit, batch, chosen, rejected, args):
 def ipo_stepper(model, edit, batch, args, reference):
     """One training step of ipo_edit on `batch`, its reference log-probs from reference() ([B], [B])."""
     import ipo_edit
+    import ipo_files
+    import ipo_pairs
     optimizer = torch.optim.AdamW(edit.parameters(), lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return lambda: ipo_edit.train_step(model, edit, batch, *reference(), args.tau[0], args.logp, optimizer, scheduler)
@@ -317,14 +323,16 @@ def ipo_stepper(model, edit, batch, args, reference):
 
 def row_ipo_step(model, tok, args, device):
     import ipo_edit
+    import ipo_files
+    import ipo_pairs
     with tempfile.TemporaryDirectory() as folder:
         ipo_args, pairs, encoded, edit, spec = ipo_work(model, tok, args, device, folder)
         # the cache, made the way ipo_edit makes it: eval batches of 8 pairs, not the training batch of --pairs
-        cached = ipo_edit.reference_logps(model, encoded, ipo_edit.Batcher(tok.pad_token_id, device), ipo_args,
-                                          ipo_edit.reference_key(ipo_args, model, pairs), folder, "bench")
+        cached = ipo_edit.reference_logps(model, encoded, ipo_pairs.Batcher(tok.pad_token_id, device), ipo_args,
+                                          ipo_files.reference_key(ipo_args, model, pairs), folder, "bench")
     B, logp = args.pairs, ipo_args.logp
     ref_chosen, ref_rejected = cached[0][:B].to(device), cached[1][:B].to(device)  # [B] each
-    batch = ipo_edit.collate(encoded[:B], tok.pad_token_id, device, ipo_edit.shares_prefix(ipo_args))
+    batch = ipo_pairs.collate(encoded[:B], tok.pad_token_id, device, ipo_pairs.shares_prefix(ipo_args))
 
     def recomputed_reference():
         with torch.no_grad():  # the edit is off outside heads.edited
@@ -348,7 +356,7 @@ def row_ipo_step(model, tok, args, device):
             "ratio": t_ours / t_frozen, "ratio_label": "ours/frozen fwd+bwd", "target": "<= 1.1",
             "met": t_ours / t_frozen <= 1.1, "match": match,
             "note": f"frozen fwd+bwd {t_frozen:.4f} s; reference (pi0 recomputed) {t_trl / t_ours:.2f}x ours; "
-                    f"{B} pairs, {spec} heads, shared prefix {ipo_edit.shares_prefix(ipo_args)}; max |diff| of "
+                    f"{B} pairs, {spec} heads, shared prefix {ipo_pairs.shares_prefix(ipo_args)}; max |diff| of "
                     f"loss and grads {(got - want).abs().max():.1e}"}
 
 
@@ -396,10 +404,12 @@ def row_fast_mc(model, tok, args, device):
 
 def row_fast_ipo(model, tok, args, device):
     import ipo_edit
+    import ipo_files
+    import ipo_pairs
     with tempfile.TemporaryDirectory() as folder:
         ipo_args, pairs, encoded, edit, spec = ipo_work(model, tok, args, device, folder)
     B = args.pairs
-    batch = ipo_edit.collate(encoded[:B], tok.pad_token_id, device, ipo_edit.shares_prefix(ipo_args))
+    batch = ipo_pairs.collate(encoded[:B], tok.pad_token_id, device, ipo_pairs.shares_prefix(ipo_args))
     results, times = [], []
     for m in (args.fast_model, model):
         with torch.no_grad():

@@ -20,13 +20,14 @@ Writes: one edit file per tau (heads.save_edit; meta: method "ipo", apply "all",
         and the reference log-probs in a cache folder (default: cache/ in the folder of --out). --out is a file (one
         tau), a pattern with {tau}, or a folder (file names ipo-{heads}-t{tau}.safetensors). A tau whose edit exists
         with the same settings is skipped; one trained with other settings is trained again, with a line saying why.
+Beside it: ipo_pairs.py turns pairs into token ids and padded batches; ipo_files.py names the files, decides which
+        edit or checkpoint may be reused (the settings key), saves and loads checkpoints and checks --probe.
 
 Example:
   python ipo_edit.py --heads top:16 --probe runs/smollm2/probe --tau 0.1 0.3 0.5 \
       --max-pairs 200 --out runs/smollm2/edits/
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -36,6 +37,8 @@ import torch
 from tqdm import tqdm
 
 import heads
+import ipo_files
+import ipo_pairs
 import models
 import runfiles
 import tqa
@@ -113,51 +116,7 @@ def ipo_loss(logratio_chosen, logratio_rejected, tau):
     return (logratio_chosen - logratio_rejected - 1 / (2 * tau)) ** 2
 
 
-# ---- Data: token ids of each pair, and padded batches in which the answers of all rows start at the same column.
-
-def select_pairs(questions, limit, seed):
-    pairs = tqa.preference_pairs(questions)
-    if limit is not None and limit < len(pairs):
-        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:limit]
-        pairs = [pairs[i] for i in sorted(keep.tolist())]
-    return pairs
-
-
-def encode_pairs(tokenizer, pairs, instruction):
-    """[(prompt_ids, chosen_ids, rejected_ids)]: answers tokenized alone (no special tokens) and appended to the
-    prompt, so the log-probs cover exactly the answer tokens."""
-    prompts, answers = {}, {}
-    def prompt_ids(q):
-        if q not in prompts:
-            prompts[q] = tokenizer(tqa.qa_prompt(q, instruction))["input_ids"]
-        return prompts[q]
-    def answer_ids(a):
-        if a not in answers:
-            answers[a] = tokenizer(tqa.ANSWER_TEMPLATE.format(answer=a), add_special_tokens=False)["input_ids"]
-        return answers[a]
-    return [(prompt_ids(p["question"]), answer_ids(p["chosen"]), answer_ids(p["rejected"])) for p in pairs]
-
-
-def collate(encoded, pad_id, device, share_prefix=True):
-    """2B rows (the B chosen answers, then the B rejected ones) as [shared prefix | prompt rest | answer]: the prefix
-    common to all prompts once (batch 1, its KV cache reused by every row), the rest of each prompt left-padded to P,
-    the answer right-padded to A, so every answer starts at column P and the loss needs only the last A+1 logits.
-    share_prefix=False: no prefix, every row holds its whole prompt (needed with gradient checkpointing)."""
-    S = tqa.shared_prefix_length([p for p, _, _ in encoded]) if share_prefix else 0
-    rows = [(p[S:], c) for p, c, _ in encoded] + [(p[S:], r) for p, _, r in encoded]
-    P, A = max(len(p) for p, _ in rows), max(len(y) for _, y in rows)
-    ids = torch.full((len(rows), P + A), pad_id, dtype=torch.long)  # [2B, P+A]
-    mask = torch.zeros_like(ids)
-    for i, (p, y) in enumerate(rows):
-        ids[i, P - len(p):P + len(y)] = torch.tensor(p + y)
-        mask[i, P - len(p):P + len(y)] = 1
-    position_ids = S + (mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
-    if S:
-        mask = torch.cat([torch.ones(len(rows), S, dtype=mask.dtype), mask], 1)  # [2B, S+P+A]: the prefix is seen
-    return {"prefix": torch.tensor([encoded[0][0][:S]], device=device) if S else None,  # [1, S]
-            "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device),
-            "targets": ids[:, P:].to(device), "answer_mask": mask[:, S + P:].to(device)}  # targets: [2B, A]
-
+# ---- log pi(y|x) of a batch of pairs (ipo_pairs.collate makes the batches)
 
 def answer_logps(model, batch, logp):
     """log pi(y|x) of every row [2B]: sum or mean of the answer tokens' log-probs. The shared prefix runs once and
@@ -174,35 +133,7 @@ def answer_logps(model, batch, logp):
     return total if logp == "sum" else total / batch["answer_mask"].sum(1)
 
 
-def shares_prefix(args):
-    return not (args.no_shared_prefix or args.grad_checkpointing)  # transformers turns the cache off when checkpointing
-
-
-@dataclass
-class Batcher:
-    """How pairs become batches in this run (collate's settings)."""
-    pad_id: int
-    device: torch.device
-    share_prefix: bool = True
-
-    def __call__(self, encoded):
-        return collate(encoded, self.pad_id, self.device, self.share_prefix)
-
-
-def batches(encoded, batch_size, order=None):
-    order = range(len(encoded)) if order is None else order.tolist()
-    order = list(order)
-    for i in range(0, len(order), batch_size):
-        yield order[i:i + batch_size]
-
-
 # ---- Reference log-probs pi0: once per (model and its dtype, data, prompt, logp), edit off, cached on disk.
-
-def reference_key(args, model, pairs):
-    text = json.dumps([args.model, args.dtype, heads.fingerprint(model), args.instruction, args.logp,
-                       [(p["question"], p["chosen"], p["rejected"]) for p in pairs]])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 @torch.no_grad()
 def reference_logps(model, encoded, batcher, args, key, cache_dir, what):
@@ -213,7 +144,7 @@ def reference_logps(model, encoded, batcher, args, key, cache_dir, what):
         ref = load_file(path)
         return ref["chosen"], ref["rejected"]
     chosen, rejected = [], []
-    for idx in tqdm(list(batches(encoded, args.eval_batch_size)), desc=f"reference log-probs ({what})"):
+    for idx in tqdm(list(ipo_pairs.batches(encoded, args.eval_batch_size)), desc=f"reference log-probs ({what})"):
         lp = answer_logps(model, batcher([encoded[i] for i in idx]), args.logp).cpu()
         chosen.append(lp[:len(idx)])
         rejected.append(lp[len(idx):])
@@ -266,24 +197,13 @@ def train_step(model, edit, batch, ref_chosen, ref_rejected, tau, logp, optimize
 def validate(model, edit, encoded, ref, batcher, tau, args):
     """Mean IPO loss and margin over the validation pairs."""
     losses, margins = [], []
-    for idx in batches(encoded, args.eval_batch_size):
+    for idx in ipo_pairs.batches(encoded, args.eval_batch_size):
         with heads.edited(model, edit):
             loss, h = pair_losses(model, batcher([encoded[i] for i in idx]), ref[0][idx].to(batcher.device),
                                   ref[1][idx].to(batcher.device), tau, args.logp)
         losses.append(loss.float().cpu())
         margins.append(h.float().cpu())
     return float(torch.cat(losses).mean()), float(torch.cat(margins).mean())
-
-
-def out_path(out, tau, head_spec, n_taus):
-    if "{tau}" in out:
-        return out.format(tau=tau)
-    if out.endswith("/") or os.path.isdir(out):
-        return os.path.join(out, f"ipo-{heads.spec_name(head_spec)}-t{tau}.safetensors")
-    if n_taus > 1:
-        raise SystemExit(f"--out {out} names one file but --tau has {n_taus} values: pass a folder (ending in /) or a "
-                         "pattern with {tau}, e.g. RUN/edits/ipo-top16-t{tau}.safetensors")
-    return out
 
 
 # ---- Training one tau: checkpointed, resumable, validated every --val-every steps; the log is written before the edit
@@ -295,71 +215,7 @@ class PairData:
     train_ref: tuple
     val: list
     val_ref: tuple
-    batcher: Batcher
-
-
-def paths_of(path):
-    """(edit, log, checkpoint) file names of one edit."""
-    stem = path.removesuffix(".safetensors")
-    return path, stem + ".log.json", stem + ".ckpt"
-
-
-def settings_of(args, head_list, tau, lr, n_pairs, n_val_pairs):
-    """Everything the trained edit depends on, saved in its meta: an edit (or checkpoint) made with other settings is
-    not reused. (Validation, checkpoint and batching options change no weight, so they are not part of it.)"""
-    return {"model": args.model, "dtype": args.dtype, "data": tqa.data_version(args.data),
-            "seed": args.seed, "heads": heads.format_heads(head_list), "param": args.param, "tau": tau,
-            "logp": args.logp, "instruction": args.instruction, "n_pairs": n_pairs, "n_val_pairs": n_val_pairs,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr, "warmup": args.warmup,
-            "weight_decay": args.weight_decay}
-
-
-def existing_edit(path, settings):
-    """True when `path` holds an edit made with `settings`; False, with a line saying why, when it holds one made
-    otherwise (or unreadable); None when there is none."""
-    from safetensors import safe_open
-    if not os.path.exists(path):
-        return None
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads(f.metadata()["edit"])
-    except Exception:
-        meta = {}
-    old = meta.get("settings") or {}
-    changed = [k for k in settings if old.get(k) != settings[k]]
-    if changed:
-        what = ("it records none" if not old else ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in changed
-                                                             if k != "data") or "other --data")
-        print(f"tau={settings['tau']}: {path} was trained with other settings ({what}): training it again")
-        return False
-    print(f"tau={settings['tau']}: {path} exists with these settings, skipped (delete it to retrain)")
-    return True
-
-
-def save_checkpoint(path, settings, step, edit, optimizer, scheduler, log):
-    runfiles.write_atomic(path, lambda tmp: torch.save({
-        "settings": json.dumps(settings), "step": step, "edit": edit.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "log": json.dumps(log)}, tmp))
-
-
-def load_checkpoint(path, settings, edit, optimizer, scheduler):
-    """(step, log) of the checkpoint at `path` made with `settings`, restored into edit, optimizer and scheduler;
-    (0, None) when there is none (or it was made with other settings, or is unreadable: it is then ignored)."""
-    if not os.path.exists(path):
-        return 0, None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a file never runs code
-    except Exception as e:
-        print(f"{path} cannot be read ({type(e).__name__}): training from step 0")
-        return 0, None
-    if json.loads(state["settings"]) != settings:
-        print(f"{path} was made with other settings: training from step 0")
-        return 0, None
-    edit.load_state_dict(state["edit"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    print(f"resuming tau={settings['tau']} from {path} at step {state['step']}")
-    return state["step"], json.loads(state["log"])
+    batcher: ipo_pairs.Batcher
 
 
 def validation_row(model, edit, data, tau, args, **where):
@@ -376,8 +232,8 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
     steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
     n_steps = args.epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup * n_steps), n_steps)
-    edit_path, log_path, checkpoint = paths_of(path)
-    step, log = load_checkpoint(checkpoint, settings, edit, optimizer, scheduler)
+    edit_path, log_path, checkpoint = ipo_files.paths_of(path)
+    step, log = ipo_files.load_checkpoint(checkpoint, settings, edit, optimizer, scheduler)
     if log is None:  # "val": every --val-every steps; "epochs": train means per epoch, validation at its end
         log = {"tau": tau, "steps": [], "val": [], "epochs": []}
         if data.val:
@@ -386,7 +242,7 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
     bar = tqdm(total=n_steps, initial=step, desc=f"IPO tau={tau}")
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        for i, idx in enumerate(batches(data.train, args.batch_size, order)):
+        for i, idx in enumerate(ipo_pairs.batches(data.train, args.batch_size, order)):
             if (epoch - 1) * steps_per_epoch + i < step:
                 continue  # done before the checkpoint
             try:
@@ -404,7 +260,7 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
             if data.val and args.val_every and step % args.val_every == 0:
                 log["val"].append(validation_row(model, edit, data, tau, args, step=step))
             if step % args.checkpoint_every == 0 and step % steps_per_epoch:
-                save_checkpoint(checkpoint, settings, step, edit, optimizer, scheduler, log)
+                ipo_files.save_checkpoint(checkpoint, settings, step, edit, optimizer, scheduler, log)
         rows = [r for r in log["steps"] if r["epoch"] == epoch]
         row = {"epoch": epoch, "train_loss": sum(r["loss"] for r in rows) / len(rows),
                "train_margin": sum(r["margin"] for r in rows) / len(rows)}
@@ -414,7 +270,7 @@ def train_one_tau(model, head_list, tau, data, args, path, meta):
                 log["val"].append({"step": step, "val_loss": row["val_loss"], "val_margin": row["val_margin"]})
         log["epochs"].append(row)
         tqdm.write(json.dumps(row))
-        save_checkpoint(checkpoint, settings, step, edit, optimizer, scheduler, log)
+        ipo_files.save_checkpoint(checkpoint, settings, step, edit, optimizer, scheduler, log)
     bar.close()
     edit.meta.update(meta, tau=tau, final=log["epochs"][-1])
     runfiles.write_json(log_path, dict(log, edit=edit_path, meta=edit.meta))  # first: the edit's file says "done"
@@ -440,33 +296,17 @@ def check_args(args):
                          "number")
 
 
-def check_probe(args, model):
-    """A --probe made on another model (or other weights) would rank another model's heads: refuse it, as
-    heads.load_edit refuses an edit fitted on other weights."""
-    if args.probe is None or not args.heads.startswith("top:"):
-        return
-    path = args.probe if args.probe.endswith(".json") else os.path.join(args.probe, "probe.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--probe {args.probe}: no probe.json there; run probe.py --out {args.probe} first")
-    with open(path) as f:
-        made = json.load(f)
-    if made.get("fingerprint") is None or not torch.allclose(
-            torch.tensor(made["fingerprint"]), torch.tensor(heads.fingerprint(model)), rtol=2e-2, atol=1e-3):
-        raise SystemExit(f"--probe {args.probe} was made on {made.get('model')}, whose weights differ from this "
-                         f"model's ({args.model}): run probe.py --model {args.model} and pass its folder")
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [out_path(args.out, tau, args.heads, len(args.tau)) for tau in args.tau]
+    paths = [ipo_files.out_path(args.out, tau, args.heads, len(args.tau)) for tau in args.tau]
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "cache")
-    for path in [p for path in paths for p in paths_of(path)] + [os.path.join(cache_dir, "reference")]:
+    for path in [p for path in paths for p in ipo_files.paths_of(path)] + [os.path.join(cache_dir, "reference")]:
         runfiles.check_writable(path)  # before the long part, not after it
     model, tokenizer, about = models.load_model(args.model, args.dtype, args.device)
-    check_probe(args, model)
+    ipo_files.check_probe(args, model)
     geo = heads.geometry(model)
     head_list = heads.parse_heads(args.heads, geo, args.probe)
     device = heads.out_projections(model)[0].weight.device
@@ -480,8 +320,8 @@ def main(argv=None):
         no_dropout(model)
     questions = tqa.load_truthfulqa(args.data)
     split = tqa.split_questions(questions, args.seed)
-    train_pairs = select_pairs([questions[i] for i in split["train"]], args.max_pairs, args.seed)
-    val_pairs = select_pairs([questions[i] for i in split["val"]], args.max_val_pairs, args.seed) \
+    train_pairs = ipo_pairs.select_pairs([questions[i] for i in split["train"]], args.max_pairs, args.seed)
+    val_pairs = ipo_pairs.select_pairs([questions[i] for i in split["val"]], args.max_val_pairs, args.seed) \
         if args.max_val_pairs else []
     if not train_pairs:
         raise SystemExit(f"no training pairs: the train split of --data {args.data} has no question with answers")
@@ -494,18 +334,18 @@ def main(argv=None):
             "model_note": about["note"], "run": runfiles.run_info(args)}
     todo = []
     for tau, path in zip(args.tau, paths):
-        settings = settings_of(args, head_list, tau, lr, len(train_pairs), len(val_pairs))
-        if not existing_edit(path, settings):
+        settings = ipo_files.settings_of(args, head_list, tau, lr, len(train_pairs), len(val_pairs))
+        if not ipo_files.existing_edit(path, settings):
             todo.append((tau, path, settings))
     if not todo:
         return
-    train_enc = encode_pairs(tokenizer, train_pairs, args.instruction)
-    val_enc = encode_pairs(tokenizer, val_pairs, args.instruction)
-    batcher = Batcher(tokenizer.pad_token_id, device, shares_prefix(args))
-    train_ref = reference_logps(model, train_enc, batcher, args, reference_key(args, model, train_pairs), cache_dir,
-                                "train")
-    val_ref = reference_logps(model, val_enc, batcher, args, reference_key(args, model, val_pairs), cache_dir, "val") \
-        if val_enc else None
+    train_enc = ipo_pairs.encode_pairs(tokenizer, train_pairs, args.instruction)
+    val_enc = ipo_pairs.encode_pairs(tokenizer, val_pairs, args.instruction)
+    batcher = ipo_pairs.Batcher(tokenizer.pad_token_id, device, ipo_pairs.shares_prefix(args))
+    train_ref = reference_logps(model, train_enc, batcher, args, ipo_files.reference_key(args, model, train_pairs),
+                                cache_dir, "train")
+    val_ref = reference_logps(model, val_enc, batcher, args, ipo_files.reference_key(args, model, val_pairs),
+                              cache_dir, "val") if val_enc else None
     data = PairData(train_enc, train_ref, val_enc, val_ref, batcher)
     for tau, path, settings in todo:
         train_one_tau(model, head_list, tau, data, args, path, dict(meta, settings=settings))

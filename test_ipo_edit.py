@@ -1,4 +1,5 @@
-"""Tests of ipo_edit.py: the IPO loss by hand, step 0, learning, head masking, the LoRA equivalence, refusals.
+"""Tests of ipo_edit.py (and its ipo_pairs.py and ipo_files.py): the IPO loss by hand, step 0, learning, head
+masking, the LoRA equivalence, refusals.
 
 Run: python -m pytest -q test_ipo_edit.py
 """
@@ -11,6 +12,8 @@ from safetensors import safe_open
 
 import heads
 import ipo_edit
+import ipo_files
+import ipo_pairs
 import models
 import tqa
 
@@ -26,7 +29,7 @@ def pairs_batch(tok, n=3, instruction="none"):
     questions = [{"question": f"What is fact {i}?", "correct": [f"Fact {i} is true.", "It is."],
                   "incorrect": [f"It is {i + 1} and more.", "No."]} for i in range(n)]
     pairs = tqa.preference_pairs(questions)[:n]
-    return pairs, ipo_edit.encode_pairs(tok, pairs, instruction)
+    return pairs, ipo_pairs.encode_pairs(tok, pairs, instruction)
 
 
 # ---- The loss
@@ -71,7 +74,7 @@ def test_lr_scale_multiplies_the_papers_rate_and_lr_overrides_it(tmp_path, fixtu
 def test_batched_answer_logps_equal_each_pair_alone(llama, share):
     model, tok, _ = llama
     _, encoded = pairs_batch(tok, n=3)
-    batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu", share_prefix=share)
+    batch = ipo_pairs.collate(encoded, tok.pad_token_id, "cpu", share_prefix=share)
     assert batch["input_ids"].shape[0] == 6  # chosen and rejected of 3 pairs: one batch
     with torch.no_grad():
         summed = ipo_edit.answer_logps(model, batch, "sum")
@@ -97,14 +100,14 @@ def test_shared_prefix_gives_the_same_logps_and_gradient(name):
         edit.b.normal_(generator=torch.Generator().manual_seed(3))
     results = []
     for share in (True, False):
-        batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu", share_prefix=share)
+        batch = ipo_pairs.collate(encoded, tok.pad_token_id, "cpu", share_prefix=share)
         assert (batch["prefix"] is not None) == share
         edit.zero_grad()
         with heads.edited(model, edit):
             logps = ipo_edit.answer_logps(model, batch, "sum")
             logps.sum().backward()
         results.append((logps.detach(), edit.a.grad.clone(), edit.b.grad.clone()))
-    shared_len = len(ipo_edit.collate(encoded, tok.pad_token_id, "cpu")["prefix"][0])
+    shared_len = len(ipo_pairs.collate(encoded, tok.pad_token_id, "cpu")["prefix"][0])
     assert shared_len > len(tok(tqa.INSTRUCTIONS["default"])["input_ids"])  # the instruction and the primer
     for x, y in zip(*results):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
@@ -132,7 +135,7 @@ def test_step_zero_loss_is_exactly_the_ipo_target(llama, param, tau):
     model, tok, _ = llama
     geo = heads.geometry(model)
     _, encoded = pairs_batch(tok)
-    batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu")
+    batch = ipo_pairs.collate(encoded, tok.pad_token_id, "cpu")
     with torch.no_grad():
         ref = ipo_edit.answer_logps(model, batch, "mean")
     edit = ipo_edit.make_edit(geo, [(0, 1), (2, 3)], param, 0, "cpu")
@@ -146,7 +149,7 @@ def test_single_head_gradient_reaches_no_other_head_and_no_base_weight(llama):
     model, tok, _ = llama
     geo = heads.geometry(model)
     _, encoded = pairs_batch(tok)
-    batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu")
+    batch = ipo_pairs.collate(encoded, tok.pad_token_id, "cpu")
     edit = ipo_edit.make_edit(geo, [(1, 2)], "lora1", 0, "cpu")
     optimizer = torch.optim.AdamW(edit.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -195,7 +198,7 @@ def test_grad_checkpointing_gives_the_same_gradient(llama):
     _, encoded = pairs_batch(tok)
     grads = []
     for checkpointing in (False, True):
-        batch = ipo_edit.collate(encoded, tok.pad_token_id, "cpu", share_prefix=not checkpointing)
+        batch = ipo_pairs.collate(encoded, tok.pad_token_id, "cpu", share_prefix=not checkpointing)
         model, _, _ = models.load_model("tiny-llama")
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -230,10 +233,10 @@ def test_training_lowers_the_train_loss_and_raises_the_margin(llama, tmp_path, s
     edit = heads.load_edit(path, model)
     questions = tqa.load_truthfulqa(data)
     train = [questions[i] for i in tqa.split_questions(questions, 0)["train"]]
-    pairs = ipo_edit.select_pairs(train, 24, 0)
-    encoded = ipo_edit.encode_pairs(tok, pairs, "default")
+    pairs = ipo_pairs.select_pairs(train, 24, 0)
+    encoded = ipo_pairs.encode_pairs(tok, pairs, "default")
     args = ipo_edit.build_parser().parse_args(["--out", "x", "--model", "tiny-llama", "--logp", "sum"])
-    batcher = ipo_edit.Batcher(tok.pad_token_id, torch.device("cpu"))
+    batcher = ipo_pairs.Batcher(tok.pad_token_id, torch.device("cpu"))
     ref = ipo_edit.reference_logps(model, encoded, batcher, args, "test", str(tmp_path / "c"), "train")
     zero = ipo_edit.make_edit(heads.geometry(model), heads.mask_to_heads(edit.head_mask), "lora1", 0, "cpu")
     loss0, margin0 = ipo_edit.validate(model, zero, encoded, ref, batcher, tau, args)
@@ -278,11 +281,12 @@ def test_nan_loss_stops_and_writes_no_edit(tmp_path, monkeypatch, fixture_csv):
 
 
 def test_output_names_and_refusals(tmp_path, fixture_csv):
-    assert ipo_edit.out_path("r/edits/", 0.3, "random:16:3", 2) == os.path.join("r/edits", "ipo-random16-3-t0.3.safetensors")
-    assert ipo_edit.out_path("r/e-{tau}.safetensors", 0.1, "all", 2) == "r/e-0.1.safetensors"
-    assert ipo_edit.out_path("r/e.safetensors", 0.1, "all", 1) == "r/e.safetensors"
+    want = os.path.join("r/edits", "ipo-random16-3-t0.3.safetensors")
+    assert ipo_files.out_path("r/edits/", 0.3, "random:16:3", 2) == want
+    assert ipo_files.out_path("r/e-{tau}.safetensors", 0.1, "all", 2) == "r/e-0.1.safetensors"
+    assert ipo_files.out_path("r/e.safetensors", 0.1, "all", 1) == "r/e.safetensors"
     with pytest.raises(SystemExit, match="pattern with \\{tau\\}"):
-        ipo_edit.out_path("r/e.safetensors", 0.1, "all", 2)
+        ipo_files.out_path("r/e.safetensors", 0.1, "all", 2)
     data = fixture_csv(tmp_path / "t.csv", n=10)
     for tau in ("0", "inf", "nan"):
         with pytest.raises(SystemExit, match=f"--tau {float(tau)}: every tau must be a positive finite number"):
