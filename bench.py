@@ -15,23 +15,22 @@ beside the fast ones, in probe.py and evaluate.py), on identical inputs, after c
 Rows 4-5 and 7-9 use the first --n-questions questions of --data (the shipped TruthfulQA CSV by default).
 Row 3 uses synthetic head outputs at Alpaca-7B's geometry (--probe-shape). Ratios mean something anywhere; absolute
 seconds only on the machine they were taken on. Prints a table (device, model, threads and the CPU's bf16 matrix units
-in its header and in every row); --json writes it.
+in its header and in every row); --json writes it. Rows 5 and 8 (IPO) are in bench_ipo.py; the timer, the row format
+(a ratio against its target) and the questions rows run on are in bench_kit.py, which both use.
 
     python bench.py --quick            # tiny random model, small sizes: about a minute on one CPU thread
     python bench.py --threads 2        # smollm2-135m, full sizes: 15-20 minutes on an idle 2-core CPU
 """
 import argparse
-import statistics
-import tempfile
-import time
-import warnings
 
 import torch
 
+import bench_ipo
 import heads
 import models
 import runfiles
 import tqa
+from bench_kit import fast_row, load_questions, median_time, overhead_row, speedup_row
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="tiny random model and small sizes (under a minute on CPU)")
@@ -63,24 +62,6 @@ def probe_shape(text):
         raise SystemExit(f"--probe-shape {text}: give HEADS,DIMS,EXAMPLES as three positive integers (at least 8 "
                          "examples), e.g. 64,32,600")
     return shape
-
-
-def median_time(fn, repeats, device, warmup=True):
-    """(median wall time of fn() over `repeats` runs, what the first timed run returned); warmup: one untimed run
-    before (off where one run takes long: its first run is timed like the others)."""
-    if warmup:
-        fn()
-    times, first = [], None
-    for i in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        first = out if i == 0 else first
-    return statistics.median(times), first
 
 
 def probe_like_prompts(n):
@@ -133,11 +114,10 @@ def row_hook_overhead(model, tok, args, device):
                     h.remove()
         match = torch.allclose(ours(), reference(), atol=1e-4, rtol=1e-4)
         t_plain, t_ours, t_ref = (median_time(f, args.repeats, device)[0] for f in (plain, ours, reference))
-    return {"stage": "1 edit hook overhead", "ours_s": t_ours, "reference_s": t_ref, "baseline_s": t_plain,
-            "ratio": t_ours / t_plain, "ratio_label": "edited/plain", "target": "<= 1.03",
-            "met": t_ours / t_plain <= 1.03, "match": match,
-            "note": f"{len(chosen)} heads, batch {args.batch_size}; reference per-head hooks {t_ref / t_plain:.3f}x "
-                    f"plain; pyvene {'installed, not compared' if _has('pyvene') else 'not installed'}"}
+    pyvene = "installed, not compared" if _has("pyvene") else "not installed"
+    return overhead_row("1 edit hook overhead", t_ours, t_ref, t_plain, "edited/plain", 1.03, match,
+                        f"{len(chosen)} heads, batch {args.batch_size}; reference per-head hooks "
+                        f"{t_ref / t_plain:.3f}x plain; pyvene {pyvene}")
 
 
 def _has(module):
@@ -180,9 +160,8 @@ def row_capture(model, tok, args, device):
         t_ours = median_time(lambda: capture_batched(model, tok, prompts, args.batch_size, device), args.repeats,
                              device)[0]
         t_ref = median_time(lambda: capture_one_by_one(model, tok, prompts, device), args.repeats, device)[0]
-    return {"stage": "2 activation capture", "ours_s": t_ours, "reference_s": t_ref, "ratio": t_ref / t_ours,
-            "ratio_label": "reference/ours", "target": ">= 5", "met": t_ref / t_ours >= 5, "match": match,
-            "note": f"{len(prompts)} prompts, batch {args.batch_size}, max |diff| {(ours - ref).abs().max():.1e}"}
+    return speedup_row("2 activation capture", t_ours, t_ref, "reference/ours", 5, match,
+                       f"{len(prompts)} prompts, batch {args.batch_size}, max |diff| {(ours - ref).abs().max():.1e}")
 
 
 # ---- 3. probes: one batched problem vs scikit-learn, one head at a time (ITI's train_probes)
@@ -228,20 +207,13 @@ def row_probes(model, tok, args, device):
     t_ref, ref = median_time(lambda: plain_probes(train_x, train_y, val_x, val_y), repeats, device, warmup=False)
     overlap, differ = len(top(ours) & top(ref)), int((ours - ref).abs().gt(1e-6).sum())
     target = 100 if device.startswith("cuda") else 3
-    return {"stage": "3 probes", "ours_s": t_ours, "reference_s": t_ref, "ratio": t_ref / t_ours,
-            "ratio_label": "plain/ours", "target": f">= {target}", "met": t_ref / t_ours >= target,
-            "match": overlap == k and differ == 0, "top_k_overlap": overlap,
-            "note": f"{G} heads x {D} dims, {n_train} train / {n - n_train} val; top-{k} overlap {overlap}/{k} "
-                    f"(planted found {len(top(ours) & set(planted.tolist()))}/{k}); validation accuracies differ at "
-                    f"{differ} heads; {repeats} repeats"}
+    return speedup_row("3 probes", t_ours, t_ref, "plain/ours", target, overlap == k and differ == 0,
+                       f"{G} heads x {D} dims, {n_train} train / {n - n_train} val; top-{k} overlap {overlap}/{k} "
+                       f"(planted found {len(top(ours) & set(planted.tolist()))}/{k}); validation accuracies differ "
+                       f"at {differ} heads; {repeats} repeats", top_k_overlap=overlap)
 
 
 # ---- 4. MC scoring: the prompt once, the answers as one batch vs one full forward per answer (TruthfulQA's MC loop)
-
-def load_questions(args):
-    """The first --n-questions questions of --data (default: the shipped TruthfulQA CSV)."""
-    return tqa.load_truthfulqa(args.data)[:args.n_questions]
-
 
 def mc_scores(model, tok, questions, targets=None, batch=None):
     """As evaluate.score_questions: the prompts' common start (instruction + QA primer) run once, then each question's
@@ -268,105 +240,12 @@ def row_mc_scoring(model, tok, args, device):
         t_ours, got = median_time(lambda: mc_scores(model, tok, questions)[0], repeats, device, warmup=False)
         t_ref, want = median_time(lambda: plain_mc_scores(model, tok, questions), repeats, device, warmup=False)
         diff = max(abs(a - b) for a, b in zip(got, want)) if len(got) == len(want) else float("inf")
-    return {"stage": "4 MC scoring", "ours_s": t_ours, "reference_s": t_ref, "ratio": t_ref / t_ours,
-            "ratio_label": "plain/ours", "target": ">= 5", "met": t_ref / t_ours >= 5, "match": diff <= 1e-4,
-            "note": f"{len(questions)} questions, {len(got)} answers, "
-                    f"ITI's instruction + QA primer; max |score diff| {diff:.1e}; {repeats} repeats"}
+    return speedup_row("4 MC scoring", t_ours, t_ref, "plain/ours", 5, diff <= 1e-4,
+                       f"{len(questions)} questions, {len(got)} answers, "
+                       f"ITI's instruction + QA primer; max |score diff| {diff:.1e}; {repeats} repeats")
 
 
-# ---- 5. IPO step: cached pi0 (ipo_edit) vs pi0 recomputed every step (TRL without precomputed reference log-probs)
-
-def ipo_work(model, tok, args, device, folder):
-    """A training batch of --pairs pairs and a moved edit (b = 0 would make the edited model the reference)."""
-    import ipo_edit
-    import ipo_files
-    import ipo_pairs
-    geo = heads.geometry(model)
-    spec = f"random:{min(args.k, geo.n_layers * geo.n_heads)}:0"
-    questions = load_questions(args)
-    ipo_args = ipo_edit.build_parser().parse_args([  # ipo_edit's defaults: tau 0.3, mean log-prob, lora1
-        "--model", args.model, "--data", args.data, "--device", device, "--heads", spec, "--batch-size", str(args.pairs),
-        "--out", folder])
-    pairs = ipo_pairs.select_pairs(questions, 2 * args.pairs, ipo_args.seed)  # a seeded subsample, then shuffled
-    pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))]
-    if len(pairs) < args.pairs:
-        raise SystemExit(f"the IPO rows need --pairs {args.pairs} preference pairs; {args.n_questions} questions give "
-                         f"{len(pairs)}: pass more --n-questions")
-    encoded = ipo_pairs.encode_pairs(tok, pairs, ipo_args.instruction)
-    edit = ipo_edit.make_edit(geo, heads.parse_heads(spec, geo), ipo_args.param, ipo_args.seed, device)
-    with torch.no_grad():
-        edit.b.copy_(0.1 * torch.randn(edit.b.shape, generator=torch.Generator().manual_seed(2)))
-    return ipo_args, pairs, encoded, edit, spec
-
-
-def ipo_loss_and_grads(model, edit, batch, chosen, rejected, args):
-    """[B + 2*L*H*D]: the IPO loss of each pair, then the gradients of a and b."""
-    import ipo_edit
-    import ipo_files
-    import ipo_pairs
-    edit.zero_grad()
-    with heads.edited(model, edit):
-        loss = ipo_edit.pair_losses(model, batch, chosen, rejected, args.tau[0], args.logp)[0]  # [B]
-        loss.mean().backward()
-    return torch.cat([loss.detach(), edit.a.grad.flatten(), edit.b.grad.flatten()])
-
-
-def ipo_stepper(model, edit, batch, args, reference):
-    """One training step of ipo_edit on `batch`, its reference log-probs from reference() ([B], [B])."""
-    import ipo_edit
-    import ipo_files
-    import ipo_pairs
-    optimizer = torch.optim.AdamW(edit.parameters(), lr=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return lambda: ipo_edit.train_step(model, edit, batch, *reference(), args.tau[0], args.logp, optimizer, scheduler)
-
-
-def row_ipo_step(model, tok, args, device):
-    import ipo_edit
-    import ipo_files
-    import ipo_pairs
-    with tempfile.TemporaryDirectory() as folder:
-        ipo_args, pairs, encoded, edit, spec = ipo_work(model, tok, args, device, folder)
-        # the cache, made the way ipo_edit makes it: eval batches of 8 pairs, not the training batch of --pairs
-        cached = ipo_edit.reference_logps(model, encoded, ipo_pairs.Batcher(tok.pad_token_id, device), ipo_args,
-                                          ipo_files.reference_key(ipo_args, model, pairs), folder, "bench")
-    B, logp = args.pairs, ipo_args.logp
-    ref_chosen, ref_rejected = cached[0][:B].to(device), cached[1][:B].to(device)  # [B] each
-    batch = ipo_pairs.collate(encoded[:B], tok.pad_token_id, device, ipo_pairs.shares_prefix(ipo_args))
-
-    def recomputed_reference():
-        with torch.no_grad():  # the edit is off outside heads.edited
-            lp = ipo_edit.answer_logps(model, batch, logp)  # [2B]
-        return lp[:B], lp[B:]
-
-    def frozen():  # the same forward+backward without the edit: the gradient reaches the input embeddings
-        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
-        try:
-            ipo_edit.answer_logps(model, batch, logp).sum().backward()
-        finally:
-            hook.remove()
-
-    got = ipo_loss_and_grads(model, edit, batch, ref_chosen, ref_rejected, ipo_args)
-    want = ipo_loss_and_grads(model, edit, batch, *recomputed_reference(), ipo_args)
-    match = torch.allclose(got, want, rtol=1e-3, atol=1e-6)
-    ours = ipo_stepper(model, edit, batch, ipo_args, lambda: (ref_chosen, ref_rejected))
-    trl_style = ipo_stepper(model, edit, batch, ipo_args, recomputed_reference)
-    t_ours, t_trl, t_frozen = (median_time(f, args.repeats, device)[0] for f in (ours, trl_style, frozen))
-    return {"stage": "5 IPO step", "ours_s": t_ours, "reference_s": t_trl, "baseline_s": t_frozen,
-            "ratio": t_ours / t_frozen, "ratio_label": "ours/frozen fwd+bwd", "target": "<= 1.1",
-            "met": t_ours / t_frozen <= 1.1, "match": match,
-            "note": f"frozen fwd+bwd {t_frozen:.4f} s; reference (pi0 recomputed) {t_trl / t_ours:.2f}x ours; "
-                    f"{B} pairs, {spec} heads, shared prefix {ipo_pairs.shares_prefix(ipo_args)}; max |diff| of "
-                    f"loss and grads {(got - want).abs().max():.1e}"}
-
-
-# ---- 6-8. The fast precision vs float32 on the same work; 9. E edits in one pass vs one after another
-
-def fast_row(stage, t_fast, t_float32, match, tolerance, note):
-    return {"stage": stage, "ours_s": t_fast, "reference_s": t_float32, "ratio": t_float32 / t_fast,
-            "ratio_label": "float32/fast", "target": ">= 1.5", "met": t_float32 / t_fast >= 1.5, "match": match,
-            "note": f"{note} (tolerance: {tolerance})"}
-
+# ---- 6-7. The fast precision vs float32 on the same work (8: bench_ipo.py); 9. E edits in one pass vs one by one
 
 def row_fast_capture(model, tok, args, device):
     prompts = probe_like_prompts(args.n_prompts)
@@ -402,30 +281,6 @@ def row_fast_mc(model, tok, args, device):
                     f"max |score diff| {max(abs(a - b) for a, b in zip(fast, f32)):.3f}")
 
 
-def row_fast_ipo(model, tok, args, device):
-    import ipo_edit
-    import ipo_files
-    import ipo_pairs
-    with tempfile.TemporaryDirectory() as folder:
-        ipo_args, pairs, encoded, edit, spec = ipo_work(model, tok, args, device, folder)
-    B = args.pairs
-    batch = ipo_pairs.collate(encoded[:B], tok.pad_token_id, device, ipo_pairs.shares_prefix(ipo_args))
-    results, times = [], []
-    for m in (args.fast_model, model):
-        with torch.no_grad():
-            ref = ipo_edit.answer_logps(m, batch, ipo_args.logp)  # [2B]: pi0 at this precision
-        results.append(ipo_loss_and_grads(m, edit, batch, ref[:B], ref[B:], ipo_args))
-        step = ipo_stepper(m, ipo_edit.make_edit(heads.geometry(m), heads.mask_to_heads(edit.head_mask), "lora1", 0,
-                                                 device), batch, ipo_args, lambda: (ref[:B], ref[B:]))
-        times.append(median_time(step, args.repeats, device)[0])
-    (fast, f32), n = results, B
-    cosine = torch.nn.functional.cosine_similarity(fast[n:], f32[n:], dim=0).item()
-    loss_diff = (fast[:n] - f32[:n]).abs().max().item()
-    return fast_row("8 IPO step, fast", times[0], times[1], cosine >= 0.99, "gradient cosine >= 0.99",
-                    f"{args.fast_dtype}; {B} pairs, {spec} heads: gradient cosine {cosine:.4f}, max |loss diff| "
-                    f"{loss_diff:.2e}")
-
-
 def row_edit_batch(model, tok, args, device):
     import evaluate
     geo = heads.geometry(model)
@@ -439,10 +294,9 @@ def row_edit_batch(model, tok, args, device):
         t_apart, one_by_one = median_time(lambda: [mc_scores(model, tok, questions, [t], b)[0] for t, b in
                                                    zip(apart, batches)], args.repeats, device)
     diff = max(abs(a - b) for x, y in zip(at_once, one_by_one) for a, b in zip(x, y))
-    return {"stage": "9 edit batch", "ours_s": t_once, "reference_s": t_apart, "ratio": t_apart / t_once,
-            "ratio_label": "apart/at once", "target": ">= 1.5", "met": t_apart / t_once >= 1.5, "match": diff <= 1e-5,
-            "note": f"{args.n_edits} ITI edits of {min(args.k, geo.n_layers * geo.n_heads)} heads, MC scoring of "
-                    f"{len(questions)} questions; max |score diff| {diff:.1e}"}
+    return speedup_row("9 edit batch", t_once, t_apart, "apart/at once", 1.5, diff <= 1e-5,
+                       f"{args.n_edits} ITI edits of {min(args.k, geo.n_layers * geo.n_heads)} heads, MC scoring of "
+                       f"{len(questions)} questions; max |score diff| {diff:.1e}")
 
 
 def print_table(rows, header):
@@ -453,8 +307,8 @@ def print_table(rows, header):
               f"{'yes' if r['met'] else 'NO':<5}{'yes' if r['match'] else 'NO':<5} {r['ratio_label']}; {r['note']}")
 
 
-ROWS = {"1": row_hook_overhead, "2": row_capture, "3": row_probes, "4": row_mc_scoring, "5": row_ipo_step,
-        "6": row_fast_capture, "7": row_fast_mc, "8": row_fast_ipo, "9": row_edit_batch}
+ROWS = {"1": row_hook_overhead, "2": row_capture, "3": row_probes, "4": row_mc_scoring, "5": bench_ipo.row_ipo_step,
+        "6": row_fast_capture, "7": row_fast_mc, "8": bench_ipo.row_fast_ipo, "9": row_edit_batch}
 
 
 def main(argv=None):
