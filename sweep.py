@@ -38,20 +38,23 @@ import tqa
 from sweep_steps import (HERE, batches, done, read_jsonl, record_done, remove_outputs, run_command,
                          stale)
 
-# Wang & Veitch's sizes on a GPU (with ITI's alpha 15 in the grid); course sizes on a CPU, with 19 random ITI sets so
-# that a rank p-value can reach 0.05, and the model's own text for CE/KL (offline: no hub retries per evaluation)
+# Presets (--preset; every size is also a flag). paper: Wang & Veitch's sizes, the default on a GPU (with ITI's
+# alpha 15 in the grid). course: the default on a CPU, the paper's statistical size - every test question, K = 16,
+# 19 random sets under ITI AND under IPO (so both rank p-values can reach 0.05), IPO at all heads - with what a CPU
+# cannot also afford cut: single heads, a second alpha and tau (course-full puts them back), the ablation trial
+# (--methods iti,ipo,ablate). IPO trains on 128 pairs (64 steps of 4 pairs, not the paper's ~3,300) with the paper's
+# learning rates scaled 20x (AdamW moves a weight by about lr per step) and the summed answer log-prob: a short run
+# converges with it (validation loss -48%, level from step 32 of 64 at top-8), not with TRL's per-token mean (its
+# target 1/(2 tau) per token is ~15-20 nats an answer; it stalls and drifts into hedges); ipo_edit.py's NAME.log.json
+# logs it, the report flags unconverged runs. CE/KL on the model's own text (offline: no hub retries). quick: a
+# classroom demonstration (32 questions, K = 8, one random set under IPO): its IPO verdict is inconclusive by design.
 PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
-             methods="iti,ipo,ablate", logp="mean", max_pairs=None, max_val_pairs=128, lr_scale=1.0, max_questions=None, n_texts=100, text="auto")
-# Course sizes, timed on 2 CPU cores with SmolLM2 (the default run: about 28 minutes): the probe ~5 min; evaluating
-# one edit on 32 questions ~30 s; an IPO step ~2.3 s, so IPO trains on 96 pairs (48 steps, not the paper's ~3,300)
-# with the paper's learning rates scaled 20x (AdamW moves a weight by about lr per step), at one tau, ~3 min per head
-# set; ITI at its own default alpha, 15.
-# The ablation trial (20 more evaluations) is left out of the course default to keep it near 30 minutes: --methods.
-# IPO: a short run converges with the summed answer log-prob (validation loss -48%, level from step 32 of 64 at top-8),
-# not with TRL's per-token mean (its target 1/(2 tau) per token is ~15-20 nats an answer; it stalls and drifts into
-# hedges): ipo_edit.py's NAME.log.json logs it, the report flags unconverged runs.
-COURSE = dict(k=8, n_random=19, n_random_ipo=1, n_single=1, alphas=[15], taus=[0.3], methods="iti,ipo", logp="sum",
-              max_pairs=128, max_val_pairs=32, lr_scale=20.0, max_questions=32, n_texts=8, text="self")
+             methods="iti,ipo,ablate", logp="mean", max_pairs=None, max_val_pairs=128, lr_scale=1.0, max_questions=None,
+             n_texts=100, text="auto")
+COURSE = dict(k=16, n_random=19, n_random_ipo=19, n_single=0, alphas=[15], taus=[0.3], methods="iti,ipo", logp="sum",
+              max_pairs=128, max_val_pairs=32, lr_scale=20.0, max_questions=None, n_texts=8, text="self")
+PRESETS = {"paper": PAPER, "course": COURSE, "course-full": dict(COURSE, n_single=8, alphas=[10, 15], taus=[0.1, 0.3]),
+           "quick": dict(COURSE, k=8, n_random_ipo=1, n_single=1, max_questions=32)}
 
 # The planted world (world.py): MC only (the Truth/Info judges know TruthfulQA, not the world), all 96 test
 # questions, 19 random sets under ITI and IPO and 8 single heads; float32 (bf16 is slower for a model this small).
@@ -61,10 +64,15 @@ WORLD = [("--judges", "judges", "none"), ("--max-questions", "max_questions", 0)
 
 
 def parse_args(argv=None):
-    gpu = models.torch.cuda.is_available()
-    d = PAPER if gpu else COURSE
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", choices=list(PRESETS), default=None)
+    d = PRESETS[preset.parse_known_args(argv)[0].preset or ("paper" if models.torch.cuda.is_available() else "course")]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="the sizes below (default: paper on a GPU, "
+                   "course on a CPU): course = the paper's statistical size (164 questions, K 16, 19 random sets "
+                   "under ITI and IPO); course-full adds 8 single heads, a second alpha and tau; quick = a 32-question "
+                   "demonstration (K 8, one random set under IPO)")
     models.add_model_args(p)
     p.set_defaults(dtype=models.fast_dtype())  # the stages' own default is float32 (exact); the sweep runs fast
     tqa.add_data_args(p)
