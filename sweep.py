@@ -10,14 +10,19 @@ Runs the stage scripts, each step printed as the exact command a user could run 
   5. iti.py --ablate mean-ablation of the claimed set and of each random set (the necessity trial), evaluated
   6. plot.py         the figures (RUN/figures)
   7. report.py       the localization test and its verdicts, with intervals (RUN/report.md, RUN/report.json)
-A unit of work is one head set: its edits fitted over the grid, then evaluated. Units whose results were made with the
-same commands are skipped (RUN/sweep_done.jsonl), so a killed sweep resumes and a sweep with other settings redoes
-what they change; `--shard I/N` runs every N-th unit from the I-th, so N machines share a sweep (run the
-probe first: every shard reads it), and a final plain run gathers them and draws. Each finished unit's wall time goes
-to RUN/sweep_times.jsonl, from which the time left is estimated.
+A unit of work is one head set: its edits fitted over the grid, then evaluated. It runs stage by stage (baseline and
+ITI, then IPO, then ablations): each unit's edits are fitted, then every edit of the stage is evaluated in ONE
+evaluate.py call (one model and judge load, every forward running rows of all the edits: sweep_steps.batches), each
+recorded as its own one-edit command. Steps whose results were made with the same commands are skipped
+(RUN/sweep_done.jsonl), so a killed sweep resumes and a sweep with other settings redoes what they change;
+`--shard I/N` runs every N-th unit from the I-th, so N machines share a sweep (run the probe first: every shard reads
+it), and a final plain run gathers them and draws. The wall time of each fit and each evaluate call goes to
+RUN/sweep_times.jsonl, from which the time left is estimated (--dry-run prints it).
 
-Defaults: the paper's sizes when a GPU is present (K=16, N=16 random sets, M=24 single heads, tau 0.1...0.5); on a CPU,
-course sizes for SmolLM2-135M. Every size is a flag.
+Defaults (--preset): the paper's sizes when a GPU is present (K=16, N=16 random sets, M=24 single heads, tau
+0.1...0.5); on a CPU the paper's statistical size for SmolLM2-135M (164 test questions, K=16, 19 random sets under ITI
+and under IPO), with single heads and second grid values cut (course-full); quick: a 32-question demonstration.
+Every size is also a flag.
 
 Reads:  --data (default: the shipped data/TruthfulQA.csv), the model.
 Writes: RUN/probe, RUN/edits, RUN/results, RUN/figures, RUN/report.md, RUN/report.json.

@@ -83,6 +83,19 @@ def test_claimed_sets_are_parsed_by_heads_and_size_the_random_sets(tmp_path, cap
         sweep.plan(sweep.parse_args(["--model", "tiny-llama", "--out", run, "--claimed", "7.1"]))
 
 
+def test_presets_set_the_sizes_and_flags_override_them(tmp_path):
+    cpu = not torch.cuda.is_available()
+    base = ["--model", "tiny-llama", "--out", str(tmp_path)]
+    course = sweep.parse_args(base + (["--preset", "course"] if not cpu else []))
+    assert (course.k, course.n_random, course.n_random_ipo, course.max_questions) == (16, 19, 19, None)  # all 164
+    quick = sweep.parse_args(base + ["--preset", "quick"])
+    assert (quick.k, quick.n_random_ipo, quick.n_single, quick.max_questions) == (8, 1, 1, 32)
+    full = sweep.parse_args(base + ["--preset", "course-full", "--n-single", "3"])
+    assert (full.n_single, full.alphas, full.taus) == (3, [10, 15], [0.1, 0.3])  # the flag wins over the preset
+    with pytest.raises(SystemExit):
+        sweep.parse_args(base + ["--preset", "huge"])
+
+
 def test_bad_arguments_are_refused_with_a_sentence(tmp_path):
     for argv, message in [(["--shard", "2/2"], "--shard 2/2: give I/N"), (["--shard", "x"], "give I/N"),
                           (["--n-random", "1", "--n-random-ipo", "2"], "at most --n-random"),
