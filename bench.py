@@ -245,6 +245,9 @@ def row_mc_scoring(model, tok, args, device):
                        f"ITI's instruction + QA primer; max |score diff| {diff:.1e}; {repeats} repeats")
 
 
+# ---- 5. IPO step: in bench_ipo.py, with row 8 (the IPO step at the fast precision)
+
+
 # ---- 6-7. The fast precision vs float32 on the same work (8: bench_ipo.py); 9. E edits in one pass vs one by one
 
 def row_fast_capture(model, tok, args, device):
