@@ -44,13 +44,9 @@ SINGLE_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:olive
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("inputs and outputs")
-    g.add_argument("--runs", nargs="+", required=True, help="run folder(s) holding results/*.json (shards gather here)")
-    g.add_argument("--out", default=None, help="figure folder (default: RUN/figures of the first run)")
+    g = results.add_run_args(p, "figure folder (default: RUN/figures of the first run)")
     g.add_argument("--probe", default=None, help="probe folder for the heatmap (default: RUN/probe of the first run)")
     g = p.add_argument_group("what is drawn")
-    g.add_argument("--claimed", default=None, help="head spec on trial, exactly as the edits were made with it "
-                   "(default: the one top:K in the results); an explicit L.H,L.H list matches by its heads")
     g.add_argument("--metric", default=None, choices=results.METRICS,
                    help="score of a head set, best over its grid (default: info_truth when judged, else mc2)")
     g.add_argument("--n-best-single", type=int, default=3, help="single heads drawn against the claimed set (fig 4)")

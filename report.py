@@ -29,8 +29,8 @@ from scipy import stats
 
 import runfiles
 from edit_checks import edit_section
-from results import (METRICS, N_RESAMPLES, baseline, check_poolable, choose_metric, claimed_spec, common_grid,
-                     grid_order, has, interval, is_plumbing_check, knob, load_results, num, roles, with_ci)
+from results import (METRICS, N_RESAMPLES, add_run_args, baseline, check_poolable, choose_metric, claimed_spec,
+                     common_grid, grid_order, has, interval, is_plumbing_check, knob, load_results, num, roles, with_ci)
 
 COLUMNS = ("mc1", "mc2", "mc3", "truth", "info", "info_truth")  # the headline table's order
 DROP = {"ablate"}  # methods whose score is the loss from the unedited model: a larger drop = more necessary heads
@@ -39,12 +39,8 @@ DROP = {"ablate"}  # methods whose score is the loss from the unedited model: a 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("inputs and outputs")
-    g.add_argument("--runs", nargs="+", required=True, help="run folder(s) holding results/*.json (shards gather here)")
-    g.add_argument("--out", default=None, help="folder for report.md and report.json (default: the first run)")
+    add_run_args(p, "folder for report.md and report.json (default: the first run)")
     g = p.add_argument_group("the test")
-    g.add_argument("--claimed", default=None, help="head spec on trial, exactly as the edits were made with it "
-                   "(default: the one top:K in the results); an explicit L.H,L.H list matches by its heads")
     g.add_argument("--metric", default=None, choices=METRICS,
                    help="score of a head set, best over its grid (default: info_truth when judged, else mc2); the "
                         "verdict under mc2 is always given beside it")

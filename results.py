@@ -13,6 +13,17 @@ import os
 
 import numpy as np
 
+
+def add_run_args(p, out_help):
+    """The arguments report.py and plot.py share: the run folders read, the output folder, the claimed head spec.
+    Returns the parser's 'inputs and outputs' group (for a script's own further inputs)."""
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--runs", nargs="+", required=True, help="run folder(s) holding results/*.json (shards gather here)")
+    g.add_argument("--out", default=None, help=out_help)
+    g.add_argument("--claimed", default=None, help="head spec on trial, exactly as the edits were made with it "
+                   "(default: the one top:K in the results); an explicit L.H,L.H list matches by its heads")
+    return g
+
 METRICS = ("info_truth", "truth", "info", "mc1", "mc2", "mc3")  # higher is better: usable as the test's metric
 ROW_METRICS = ("mc1", "mc2", "mc3", "truth", "info")  # per-question columns of NAME.jsonl; Info*Truth is their product
 N_RESAMPLES = 2000  # bootstrap resamples of the questions (seeded: the same intervals on every run)
