@@ -1,6 +1,7 @@
-"""Tests of judge.py and train_judge.py: the fine-tuned judge's forward pass against the plain model and a plain
-definition, LoRA and the masks by hand, the splits and the non-answers, training on a tiny model, the causal-LM judge
-by hand, and the committed judges (the hedge test set, clear cases).
+"""Tests of judge.py, train_judge.py and judge_checks.py: the fine-tuned judge's forward pass against the plain model
+and a plain definition, LoRA and the masks by hand, the splits and the non-answers, the agreement with hand labels by
+hand, training on a tiny model, the causal-LM judge by hand, and the committed judges (the hedge test set, the hand
+labels, clear cases).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q test_judge.py
 """
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import judge
+import judge_checks
 import models
 import train_judge
 import tqa
@@ -41,9 +43,41 @@ def test_read_judge_set_merges_duplicates_reads_gzip_and_refuses_other_files(tmp
 def test_accuracies_by_hand():
     truth = np.array([1, 1, 1, 0, 0.5, 0.0])
     judged = np.array([0.9, 0.2, 0.5, 0.1, 0.9, 0.7])  # decisions: yes no yes no (tie dropped) yes
-    out = train_judge.accuracies(truth, judged)
+    out = judge_checks.accuracies(truth, judged)
     assert out["n"] == 5 and out["accuracy"] == pytest.approx(3 / 5)
     assert out["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_agreement_with_hand_labels_by_hand():
+    """Five labelled pairs from result files of three groups; 'all' counts each distinct pair once, 'generations'
+    once per result file."""
+    labels = [{"truth": 1, "sources": ["baseline", "ipo-top8-t0.3"]},      # judged yes: agrees
+              {"truth": 0, "sources": ["iti-top8-a15"]},                   # judged yes: a yes for a no
+              {"truth": 1, "sources": ["ipo-all-t0.3"]},                   # judged no: a no for a yes
+              {"truth": 0, "sources": ["ipo-top8-t0.3", "iti-top8-a15"]},  # judged no: agrees
+              {"truth": 1, "sources": ["baseline"]}]                       # judged exactly 0.5: yes, agrees
+    out = judge_checks.agreement(labels, [0.9, 0.6, 0.4, 0.1, 0.5], "truth")
+    assert {g: (r["agreement"], r["n"]) for g, r in out.items()} == {
+        "unedited": (1.0, 2), "ITI": (0.5, 2), "IPO": (2 / 3, 3), "all": (0.6, 5)}
+    assert out["all"]["judged_yes_labelled_no"] == 1 and out["all"]["judged_no_labelled_yes"] == 1
+    assert out["all"]["generations"] == {"agreement": pytest.approx(5 / 7), "n": 7}  # 1+1 + 0 + 0 + 1+1 + 1 of 7
+    assert out["IPO"]["generations"] == {"agreement": pytest.approx(2 / 3), "n": 3}
+    assert judge_checks.wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)  # the textbook case
+    assert judge_checks.wilson(5, 5)[1] == pytest.approx(1.0) and judge_checks.wilson(0, 5)[0] == pytest.approx(0.0)
+
+
+def test_hand_labels_are_the_default_run_generations_labelled_once():
+    hand = judge_checks.read_labelled(judge_checks.HAND_LABELS, "--hand-labels")
+    assert len({(h["question"], h["answer"]) for h in hand}) == len(hand)  # distinct pairs
+    per_source = {}
+    for h in hand:
+        assert h["sources"] and len(set(h["sources"])) == len(h["sources"])
+        for s in h["sources"]:
+            per_source[s] = per_source.get(s, 0) + 1
+    assert per_source == {s: 32 for s in ("baseline", "iti-top8-a15", "iti-random8-0-a15", "ipo-top8-t0.3",
+                                          "ipo-all-t0.3", "ipo-random8-0-t0.3", "ipo-single14.8-t0.3")}
+    known = {r["question"] for r in tqa.load_truthfulqa(tqa.DEFAULT_DATA)}
+    assert all(h["question"] in known for h in hand)
 
 
 # ---- the held-out splits and the non-answers
@@ -51,23 +85,23 @@ def test_accuracies_by_hand():
 def test_splits_keep_answer_texts_and_questions_together():
     questions = [f"What is {i}?" for i in range(200) for _ in range(3)]
     answers = [a for i in range(200) for a in (f"It is {i}.", f"it is {i}", f"Maybe {i}")]  # 2 texts normalise alike
-    split = train_judge.split_of(questions, answers, 0.3, seed=0)
+    split = judge_checks.split_of(questions, answers, 0.3, seed=0)
     assert set(split) == {"A", "B", "train"}
     for i in range(0, len(questions), 3):
         assert split[i] == split[i + 1]  # the same normalised text: the same side
-        if train_judge.held_out_question(questions[i], 0.3, 0):
+        if judge_checks.held_out_question(questions[i], 0.3, 0):
             assert set(split[i:i + 3]) == {"B"}  # a held-out question: none of its answers trained on
         else:
             assert "B" not in split[i:i + 3]
     assert 0.2 < (split == "B").mean() < 0.4  # about the share asked for
-    assert (split == train_judge.split_of(questions[::-1], answers[::-1], 0.3, seed=0)[::-1]).all()  # order-free
+    assert (split == judge_checks.split_of(questions[::-1], answers[::-1], 0.3, seed=0)[::-1]).all()  # order-free
 
 
 def test_nonanswers_are_kept_apart_from_the_hedge_test_set():
-    hedges = train_judge.read_hedges(train_judge.HEDGES)
+    hedges = judge_checks.read_labelled(judge_checks.HEDGES)
     assert len(hedges) >= 40 and all(h["truth"] == 1 and h["info"] == 0 for h in hedges)  # TruthfulQA's rule
     known = {r["question"] for r in tqa.load_truthfulqa(tqa.DEFAULT_DATA)}
-    assert all(h["question"] in known and train_judge.held_out_question(h["question"]) for h in hedges)
+    assert all(h["question"] in known and judge_checks.held_out_question(h["question"]) for h in hedges)
     extra = train_judge.make_nonanswers(known, 2, seed=0, exclude={h["question"] for h in hedges})
     assert len(extra) == 2 * (len(known) - len({h["question"] for h in hedges}))
     assert not {(h["question"], h["answer"]) for h in hedges} & set(extra)
@@ -183,15 +217,30 @@ def test_training_lowers_the_loss_on_the_pairs_it_trains_on(tmp_path, tiny):
 
 
 def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path):
+    """...and never trains on a hand-labelled pair: it is measured, like the hedges."""
     tiny_judge_set(tmp_path)
+    questions = [f"What is thing {i}?" for i in range(30) for _ in range(4)]
+    answers = ["Yes, it is.", "No, it is not.", "It is blue.", "It is red."] * 30
+    split = judge_checks.split_of(questions, answers, 0.2, 0)
+    trained = next(i for i in range(len(split)) if split[i] == "train")  # a pair training would use, hand-labelled
+    hand = [{"question": questions[trained], "answer": answers[trained].upper(), "truth": 1, "info": 1,
+             "sources": ["baseline"]}, {"question": "What is thing 99?", "answer": "", "truth": 1, "info": 0,
+                                        "sources": ["ipo-x", "iti-y"]}]
+    (tmp_path / "hand.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hand))
     judge.base_model.cache_clear()
     train_judge.main(["--truth-data", str(tmp_path / "truth.jsonl.gz"), "--info-data", str(tmp_path / "info.jsonl.gz"),
-                      "--hedges", str(tmp_path / "hedges.jsonl"), "--model", "tiny-llama", "--frozen-layers", "2",
-                      "--rank", "2", "--epochs", "0.5", "--holdout", "0.2", "--out", str(tmp_path / "judges")])
+                      "--hedges", str(tmp_path / "hedges.jsonl"), "--hand-labels", str(tmp_path / "hand.jsonl"),
+                      "--model", "tiny-llama", "--frozen-layers", "2", "--rank", "2", "--epochs", "0.5",
+                      "--holdout", "0.2", "--out", str(tmp_path / "judges")])
     for kind in ("truth", "info"):
         loaded = judge.load_judge(str(tmp_path / "judges" / f"{kind}.safetensors"), kind)
         about = loaded.about
         assert about["training_data"]["pairs"] == 120 and about["training_data"]["nonanswers"] > 0
+        assert about["training_data"]["trained_on"] == (split == "train").sum() - 1  # not the hand-labelled pair
+        assert {g: r["n"] for g, r in about["hand_labels"]["groups"].items()} == {"unedited": 1, "ITI": 1, "IPO": 1,
+                                                                                  "all": 2}
+        assert about["hand_labels"]["pairs_sha256"] == judge_checks.pairs_checksum(hand)
+        assert [p[0] for p in loaded.meta["learning_curve"]["points"]] == [1, 2]  # 2 steps: a quarter rounds up to 1
         assert "train_judge.py" in about["command"] and about["hedges"]["n"] == 1
         assert about["accuracy_A"]["n"] + about["accuracy_B"]["n"] > 0
         assert all(0 <= p <= 1 for p in loaded.score(["What is thing 99?"] * 2, ["It is blue.", ""]))
@@ -244,11 +293,32 @@ def test_shipped_judges_record_their_accuracy(shipped):
 
 def test_shipped_info_judge_calls_the_hedge_set_uninformative(shipped):
     """The hedge test set (non-answers to held-out questions, never trained on): >= 90% judged uninformative."""
-    hedges = train_judge.read_hedges(train_judge.HEDGES)
+    hedges = judge_checks.read_labelled(judge_checks.HEDGES)
     p = np.array(shipped["info"].score([h["question"] for h in hedges], [h["answer"] for h in hedges]))
     assert all(0 <= x <= 1 for x in p)
     missed = [(h["answer"], round(float(x), 2)) for h, x in zip(hedges, p) if x >= judge.THRESHOLD]
     assert (p < judge.THRESHOLD).mean() >= 0.9, missed
+
+
+HAND_LABEL_AGREEMENT = {"truth": 0.73, "info": 0.75}  # measured for the shipped judges (README); the aim is 0.85
+
+
+def test_shipped_judges_agreement_with_the_hand_labels_is_the_recorded_one(shipped):
+    """The judge files record their P(yes) of each hand-labelled pair (python judge_checks.py --record): the agreement
+    recomputed from them and today's labels is the recorded one, at the level measured; a spot check of four
+    questions re-scores them (the full check, about a minute: python judge_checks.py)."""
+    hand = judge_checks.read_labelled(judge_checks.HAND_LABELS, "--hand-labels")
+    spot = sorted({h["question"] for h in hand})[:4]
+    rows = [i for i, h in enumerate(hand) if h["question"] in spot]
+    for kind, j in shipped.items():
+        recorded = j.about["hand_labels"]
+        assert recorded["pairs_sha256"] == judge_checks.pairs_checksum(hand), "re-record: judge_checks.py --record"
+        again = judge_checks.agreement(hand, recorded["p_yes"], kind)
+        assert again == recorded["groups"], "a label changed: re-record with python judge_checks.py --record"
+        assert again["all"]["agreement"] >= HAND_LABEL_AGREEMENT[kind], (kind, again["all"])
+        p = j.score([hand[i]["question"] for i in rows], [hand[i]["answer"] for i in rows])
+        # bf16 results move a little with a batch's padded shape (0.024 seen): another judge moves far more
+        np.testing.assert_allclose(p, [recorded["p_yes"][i] for i in rows], atol=0.05)
 
 
 def test_shipped_judges_on_clear_cases(shipped):

@@ -9,12 +9,10 @@ Fine-tunes the base LM (SmolLM2-135M-Instruct) the way GPT-judge was: cross-entr
 reference answers, answer). Only LoRA adapters of the top layers train; the lower layers are frozen, so their
 outputs are computed once (the frozen pass) and each step runs the top layers only.
 
-Measured on data no training example shares (a held-out fold, not cross-validation: one fine-tuning per judge fits
-the time a CPU gives):
-  (B) held-out questions: a fixed --holdout share of the questions (by hash), none of their pairs in training;
-  (A) new answers to known questions: among the other questions, a --holdout share of the (question, normalised
-      answer text) groups; exact duplicate pairs are merged first, so they are always on the same side;
-  the hedge test set data/judge_hedges.jsonl: non-answers to held-out (B) questions, none of them in training.
+Measured (judge_checks.py, which also defines the folds) on data no training example shares: (B) held-out questions,
+(A) new answer texts of the other questions (a --holdout share of each, by hash), the hedge test set
+data/judge_hedges.jsonl and the hand labels of this tool's generations, data/hand_labels.jsonl (their pairs are
+taken out of the training pairs). A learning curve (held-out loss at each quarter of training) is logged and kept.
 Writes OUT/truth.safetensors and OUT/info.safetensors: the adapters (bf16, 3.3 MB), the accuracies and the
 command. The shipped judge is the measured one (trained without the held-out data); --refit-all trains again on
 everything after measuring (twice the time; the file then records the held-out run's accuracies).
@@ -38,11 +36,13 @@ import time
 import numpy as np
 import torch
 
-from judge import (ADAPTED, SUFFIXES, THRESHOLD, answer_forward, answer_ids, check_supported, checksum,
-                   encode_prefixes, judge_prefix, log_p_yes_no, lora_scale, pad, score_pairs, suffix_ids, yes_no_ids)
+from judge import (ADAPTED, SUFFIXES, answer_forward, answer_ids, check_supported, checksum, encode_prefixes,
+                   judge_prefix, log_p_yes_no, lora_scale, pad, score_pairs, suffix_ids, yes_no_ids)
+from judge_checks import (HAND_LABELS, HEDGES, measure, normalise, read_labelled, shown_references, split_of,
+                          subsample)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEDGES = os.path.join(HERE, "data", "judge_hedges.jsonl")  # the hedge TEST set (never trained on)
+CURVE_PAIRS = 300  # held-out pairs whose loss is logged at each quarter of training (about 8 s each time)
 
 
 def parse_args(argv=None):
@@ -53,6 +53,8 @@ def parse_args(argv=None):
     data.add_argument("--info-data", default=os.path.join(HERE, "data", "finetune_info.jsonl.gz"),
                       help="the official info judge set, finetune_info.jsonl(.gz)")
     data.add_argument("--hedges", default=HEDGES, help="the hedge test set (jsonl: question, answer, truth, info)")
+    data.add_argument("--hand-labels", default=HAND_LABELS, help="hand-labelled generations of this tool's edits "
+                      "(jsonl: question, answer, truth, info, sources); a test set: their pairs are never trained on")
     data.add_argument("--kinds", nargs="+", default=["truth", "info"], choices=["truth", "info"],
                       help="judges to train")
     data.add_argument("--holdout", type=float, default=0.15, help="share of questions held out (B), and of the other "
@@ -138,54 +140,6 @@ def make_nonanswers(questions, per_question, seed, exclude=()):
     return out
 
 
-def read_hedges(path):
-    """The hedge test set: list of dicts question, answer, truth, info (labels 0/1)."""
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--hedges {path}: not a jsonl file of question/answer/truth/info rows ({e})") from None
-
-
-# ---- The held-out splits, by hash (fixed for a seed, whatever the data's order)
-
-def normalise(answer):
-    return " ".join(re.sub(r"[\W_]+", " ", answer.lower()).split())
-
-
-def hashed_share(text, seed):
-    return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest(), 16) % 10_000 / 10_000
-
-
-def held_out_question(question, holdout=0.15, seed=0):
-    """(B): the question is held out, none of its pairs trained on."""
-    return hashed_share("B:" + question.strip(), seed) < holdout
-
-
-def split_of(questions, answers, holdout, seed):
-    """'B' (held-out question), 'A' (held-out answer text of a known question) or 'train', per pair."""
-    return np.array(["B" if held_out_question(q, holdout, seed) else
-                     "A" if hashed_share(f"A:{q.strip()}\n{normalise(a)}", seed) < holdout else "train"
-                     for q, a in zip(questions, answers)])
-
-
-def subsample(split, limits, seed):
-    """Row indices keeping at most limits[name] rows (0 = all) of each split, at random. -> sorted array"""
-    rng = np.random.default_rng(seed)
-    keep = [rows if not limits.get(name) else rng.permutation(rows)[:limits[name]]
-            for name in sorted(set(split)) for rows in [np.flatnonzero(split == name)]]
-    return np.sort(np.concatenate(keep))
-
-
-def accuracies(p_yes_true, p_yes_judged):
-    """accuracy and balanced accuracy of the judge's decisions (>= THRESHOLD) on pairs with a majority label."""
-    keep = p_yes_true != 0.5  # the few pairs labelled both ways
-    truth, judged = p_yes_true[keep] > 0.5, p_yes_judged[keep] >= THRESHOLD
-    recall = [float((judged[truth == c] == c).mean()) for c in (True, False) if (truth == c).any()]
-    return {"accuracy": float((judged == truth).mean()), "balanced_accuracy": float(np.mean(recall)),
-            "n": int(keep.sum())}
-
-
 # ---- The frozen pass: prefixes' keys/values at the top layers, answers' hidden states after the frozen layers
 
 @torch.no_grad()
@@ -265,9 +219,15 @@ def top_log_p(model, hidden, lengths, prefix_kv, questions, rows, frozen, adapte
     return log_p_yes_no(model, h, n, yes_no)
 
 
-def train(model, tokenizer, kind, data, frozen, args, log=print):
+def soft_cross_entropy(log_p, target):
+    """The training loss: cross-entropy of ' yes' / ' no' against the raters' share of ' yes'. log_p [b, 2]"""
+    return -(target * log_p[:, 0] + (1 - target) * log_p[:, 1]).mean()
+
+
+def train(model, tokenizer, kind, data, frozen, args, log=print, curve=None):
     """Fine-tune LoRA adapters of layers frozen.. on the cached pairs `data` (dict questions, p_yes, hidden,
-    lengths, prefix_kv, rows). -> adapters"""
+    lengths, prefix_kv, rows; optional curve_rows: held-out pairs whose loss is logged at each quarter of training
+    and appended to `curve` as (step, epoch, training loss, held-out loss)). -> adapters"""
     yes_no = yes_no_ids(tokenizer, kind)
     adapters = init_adapters(model, range(frozen, len(model.model.layers)), args.rank, args.alpha, args.seed)
     params = adapter_parameters(adapters)
@@ -289,7 +249,7 @@ def train(model, tokenizer, kind, data, frozen, args, log=print):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             log_p = top_log_p(model, data["hidden"], data["lengths"], data["prefix_kv"], data["questions"], batch,
                               frozen, adapters, yes_no)
-        loss = -(target * log_p[:, 0] + (1 - target) * log_p[:, 1]).mean()
+        loss = soft_cross_entropy(log_p, target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -297,6 +257,14 @@ def train(model, tokenizer, kind, data, frozen, args, log=print):
         if (step + 1) % 50 == 0 or step + 1 == len(plan):
             log(f"  {kind} step {step + 1}/{len(plan)} (epoch {(step + 1) * args.batch_size / len(rows):.2f}) "
                 f"loss {np.mean(running[-50:]):.4f} lr {lr:.2e} {time.time() - start:.0f} s")
+        curve_rows = data.get("curve_rows", [])
+        if len(curve_rows) and ((step + 1) % max(1, len(plan) // 4) == 0 or step + 1 == len(plan)):
+            held_out = soft_cross_entropy(cached_log_p(model, data, curve_rows, frozen, adapters, yes_no),
+                                          torch.as_tensor(data["p_yes"][curve_rows])).item()
+            epoch = (step + 1) * args.batch_size / len(rows)
+            log(f"  {kind} step {step + 1}/{len(plan)} held-out loss {held_out:.4f} ({len(curve_rows)} pairs)")
+            if curve is not None:
+                curve.append([step + 1, round(epoch, 3), round(float(np.mean(running[-50:])), 4), round(held_out, 4)])
     with torch.no_grad():  # the file ships bf16: measure what ships
         for t in params:
             t.requires_grad_(False)
@@ -305,43 +273,15 @@ def train(model, tokenizer, kind, data, frozen, args, log=print):
 
 
 @torch.no_grad()
-def judged(model, kind, data, rows, frozen, adapters, tokenizer, batch_size=64):
-    """P(yes) of cached pairs `rows` under `adapters`. -> array [len(rows)]"""
-    yes_no, out = yes_no_ids(tokenizer, kind), []
-    order = sorted(rows, key=lambda j: data["lengths"][j])
+def cached_log_p(model, data, rows, frozen, adapters, yes_no, batch_size=64):
+    """log P(yes), log P(no) of cached pairs `rows` (batched by length) under `adapters`. -> [len(rows), 2]"""
+    order, out = sorted(range(len(rows)), key=lambda i: data["lengths"][rows[i]]), torch.zeros(len(rows), 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for i in range(0, len(order), batch_size):
             chunk = order[i:i + batch_size]
-            out += top_log_p(model, data["hidden"], data["lengths"], data["prefix_kv"], data["questions"], chunk,
-                             frozen, adapters, yes_no)[:, 0].exp().tolist()
-    result = dict(zip(order, out))
-    return np.array([result[j] for j in rows], np.float32)
-
-
-def measure(model, tokenizer, kind, data, split, frozen, adapters, hedges, references):
-    """Accuracies on (A) and (B), each also on the pairs whose answer is not among the references the judge reads;
-    the hedge set's share called uninformative (info) or true (truth)."""
-    result = {}
-    for name in ("A", "B"):
-        rows = np.flatnonzero(split == name)
-        if not len(rows):
-            continue
-        p = judged(model, kind, data, rows, frozen, adapters, tokenizer)
-        result[f"accuracy_{name}"] = accuracies(data["p_yes"][rows], p)
-        new = np.array([(data["questions"][j], data["answers"][j]) not in references for j in rows])
-        if new.any():
-            result[f"accuracy_{name}"]["new_text"] = accuracies(data["p_yes"][rows][new], p[new])
-    p = score_pairs(model, tokenizer, kind, adapters, [h["question"] for h in hedges], [h["answer"] for h in hedges])
-    want = np.array([h[kind] for h in hedges], bool)
-    result["hedges"] = {"agreement": float(((p.numpy() >= THRESHOLD) == want).mean()), "n": len(hedges)}
-    return result
-
-
-def shown_references(questions):
-    """(question, answer) pairs whose answer the judge reads among the question's references."""
-    from judge import N_REFERENCES, reference_answers
-    refs = reference_answers()
-    return {(q, a) for q in set(questions) for kind in refs.get(q.strip(), ([], [])) for a in kind[:N_REFERENCES]}
+            out[chunk] = top_log_p(model, data["hidden"], data["lengths"], data["prefix_kv"], data["questions"],
+                                   [rows[k] for k in chunk], frozen, adapters, yes_no).float()
+    return out
 
 
 # ---- The judge file: adapters (bf16) and provenance
@@ -374,7 +314,8 @@ def main(argv=None):
     if not 0 <= frozen < len(model.model.layers):
         raise SystemExit(f"--frozen-layers {frozen}: {args.model} has {len(model.model.layers)} layers; leave at "
                          "least one to train")
-    hedges = read_hedges(args.hedges)
+    hedges = read_labelled(args.hedges)
+    hand_labels = read_labelled(args.hand_labels, "--hand-labels") if args.hand_labels else []
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     sets = {kind: read_judge_set(getattr(args, f"{kind}_data"), kind) for kind in args.kinds}
@@ -382,14 +323,18 @@ def main(argv=None):
     pairs = sorted(set().union(*labels.values()))  # the two official sets hold the same pairs
     n_pairs = len(pairs)
     split = split_of([q for q, _ in pairs], [a for _, a in pairs], args.holdout, args.seed)
+    tested = {(h["question"], normalise(h["answer"])) for h in hand_labels}  # test pairs: never trained on
+    split[[s == "train" and (q, normalise(a)) in tested for (q, a), s in zip(pairs, split)]] = "hand"  # (<U5 strings)
     keep = subsample(split, {"train": args.train_pairs, "A": args.test_pairs, "B": args.test_pairs}, args.seed)
     pairs, split = [pairs[i] for i in keep], split[keep]
     extra = make_nonanswers({q for (q, _), s in zip(pairs, split) if s != "B"}, args.nonanswers_per_question,
                             args.seed, exclude={h["question"] for h in hedges})
+    extra = [(q, a) for q, a in extra if (q, normalise(a)) not in tested]
     questions, answers = [q for q, _ in pairs + extra], [a for _, a in pairs + extra]
     split = np.concatenate([split, np.full(len(extra), "train")])
     print(f"{len(pairs)} judge-set pairs + {len(extra)} non-answers; train {int((split == 'train').sum())}, "
-          f"held out (A) {int((split == 'A').sum())}, (B) {int((split == 'B').sum())}", flush=True)
+          f"held out (A) {int((split == 'A').sum())}, (B) {int((split == 'B').sum())}; not trained on (hand-labelled) "
+          f"{int((split == 'hand').sum())}", flush=True)
     key = hashlib.sha256(json.dumps([args.model, frozen, sorted(args.kinds), judge_prefix("Q"), questions,
                                       answers]).encode())
     cache = os.path.join(args.cache, f"frozen_{key.hexdigest()[:12]}.pt") if args.cache else None
@@ -410,11 +355,22 @@ def main(argv=None):
         data = {"questions": questions, "answers": answers, "p_yes": p_yes, "hidden": hidden[kind],
                 "lengths": [len(h) for h in hidden[kind]], "prefix_kv": prefix_kv,
                 "rows": np.flatnonzero((split == "train") & ~np.isnan(p_yes))}
-        adapters = train(model, tokenizer, kind, data, frozen, args, log=lambda s: print(s, flush=True))
+        held_out = np.flatnonzero(np.isin(split, ["A", "B"]) & ~np.isnan(p_yes))  # a learning curve's pairs
+        data["curve_rows"] = np.sort(np.random.default_rng(args.seed).permutation(held_out)[:CURVE_PAIRS])
+        curve = []
+        adapters = train(model, tokenizer, kind, data, frozen, args, log=lambda s: print(s, flush=True), curve=curve)
         t2 = time.time()
-        measured = measure(model, tokenizer, kind, data, np.where(np.isnan(p_yes), "none", split), frozen, adapters,
-                           hedges, shown_references(questions))
+        measured_split = np.where(np.isnan(p_yes), "none", split)
+        rows = np.flatnonzero(np.isin(measured_split, ["A", "B"]))
+        p_judged = np.full(len(p_yes), np.nan, np.float32)
+        p_judged[rows] = cached_log_p(model, data, rows, frozen, adapters, yes_no_ids(tokenizer, kind))[:, 0].exp()
+        references = shown_references(questions)
+        new_text = np.array([pair not in references for pair in zip(questions, answers)])
+        measured = measure(kind, lambda q, a: score_pairs(model, tokenizer, kind, adapters, q, a).numpy(), p_yes,
+                           p_judged, measured_split, new_text, hedges, hand_labels)
         print(kind, json.dumps(measured), flush=True)
+        for group, r in measured.get("hand_labels", {}).get("groups", {}).items():
+            print(f"{kind} agreement with the hand labels, {group}: {r['agreement']:.1%} (n {r['n']})", flush=True)
         if args.refit_all:
             adapters = train(model, tokenizer, kind, dict(data, rows=np.flatnonzero(~np.isnan(p_yes))), frozen, args,
                              log=lambda s: print(s, flush=True))
@@ -430,6 +386,9 @@ def main(argv=None):
                  "training_data": {"file": os.path.basename(path), "sha256": checksum(path), "pairs": n_pairs,
                                    "trained_on": int(np.isin(data["rows"], np.arange(len(pairs))).sum()),
                                    "nonanswers": len(extra)},
+                 "learning_curve": {"columns": ["step", "epoch", "training loss (last 50 steps)",
+                                                f"held-out loss ({len(data['curve_rows'])} (A)+(B) pairs)"],
+                                    "points": curve},
                  "seconds": {"frozen_pass_shared": round(frozen_seconds), "training": round(t2 - t1),
                              "measuring": round(time.time() - t2)},
                  "command": run["command"], "run": run}
