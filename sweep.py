@@ -47,17 +47,17 @@ from sweep_steps import (HERE, batches, done, read_jsonl, record_done, remove_ou
 # alpha 15 in the grid). course: the default on a CPU, the paper's statistical size - every test question, K = 16,
 # 19 random sets under ITI AND under IPO (so both rank p-values can reach 0.05), IPO at all heads - with what a CPU
 # cannot also afford cut: single heads, a second alpha and tau (course-full puts them back), the ablation trial
-# (--methods iti,ipo,ablate). IPO trains on 128 pairs (64 steps of 4 pairs, not the paper's ~3,300) with the paper's
-# learning rates scaled 20x (AdamW moves a weight by about lr per step) and the summed answer log-prob: a short run
-# converges with it (validation loss -48%, level from step 32 of 64 at top-8), not with TRL's per-token mean (its
-# target 1/(2 tau) per token is ~15-20 nats an answer; it stalls and drifts into hedges); ipo_edit.py's NAME.log.json
-# logs it, the report flags unconverged runs. CE/KL on the model's own text (offline: no hub retries). quick: a
+# (--methods iti,ipo,ablate). IPO trains on 128 pairs, once (32 steps of 4 pairs, not the paper's ~3,300; --ipo-epochs)
+# with the paper's learning rates scaled 20x (AdamW moves a weight by about lr per step) and the summed answer log-prob:
+# a short run converges with it (validation loss -48%, level from step 32 of 64 at top-8), not with TRL's per-token
+# mean (its target 1/(2 tau) per token is ~15-20 nats an answer; it stalls and drifts into hedges); ipo_edit.py's
+# NAME.log.json logs it, the report flags unconverged runs. CE/KL on the model's own text (offline: no hub retries). quick: a
 # classroom demonstration (32 questions, K = 8, one random set under IPO): its IPO verdict is inconclusive by design.
 PAPER = dict(k=16, n_random=16, n_random_ipo=16, n_single=24, alphas=[5, 10, 15, 20], taus=[0.1, 0.2, 0.3, 0.4, 0.5],
-             methods="iti,ipo,ablate", logp="mean", max_pairs=None, max_val_pairs=128, lr_scale=1.0, max_questions=None,
-             n_texts=100, text="auto")
+             methods="iti,ipo,ablate", logp="mean", ipo_epochs=2, max_pairs=None, max_val_pairs=128, lr_scale=1.0,
+             max_questions=None, n_texts=100, text="auto")
 COURSE = dict(k=16, n_random=19, n_random_ipo=19, n_single=0, alphas=[15], taus=[0.3], methods="iti,ipo", logp="sum",
-              max_pairs=128, max_val_pairs=32, lr_scale=20.0, max_questions=None, n_texts=8, text="self")
+              ipo_epochs=1, max_pairs=128, max_val_pairs=32, lr_scale=20.0, max_questions=None, n_texts=8, text="self")
 PRESETS = {"paper": PAPER, "course": COURSE, "course-full": dict(COURSE, n_single=8, alphas=[10, 15], taus=[0.1, 0.3]),
            "quick": dict(COURSE, k=8, n_random_ipo=1, n_single=1, max_questions=32)}
 
@@ -65,7 +65,7 @@ PRESETS = {"paper": PAPER, "course": COURSE, "course-full": dict(COURSE, n_singl
 # questions, 19 random sets under ITI and IPO and 8 single heads; float32 (bf16 is slower for a model this small).
 WORLD = [("--judges", "judges", "none"), ("--max-questions", "max_questions", 0), ("--n-random-ipo", "n_random_ipo", 19),
          ("--n-single", "n_single", 8), ("--dtype", "dtype", "float32"), ("--n-texts", "n_texts", 4),
-         ("--methods", "methods", "iti,ipo,ablate")]
+         ("--methods", "methods", "iti,ipo,ablate"), ("--ipo-epochs", "ipo_epochs", 2)]
 
 
 def parse_args(argv=None):
@@ -104,6 +104,8 @@ def parse_args(argv=None):
     grid.add_argument("--taus", type=float, nargs="+", default=d["taus"], help="IPO taus (paper: 0.1 0.2 0.3 0.4 0.5)")
     grid.add_argument("--logp", default=d["logp"], choices=["mean", "sum"], help="ipo_edit.py --logp: the answer's "
                       "log-prob as TRL's per-token mean (the paper's long runs) or the sum (short runs converge)")
+    grid.add_argument("--ipo-epochs", type=int, default=d["ipo_epochs"], help="ipo_edit.py --epochs: passes over "
+                      "the training pairs (paper: 2)")
     grid.add_argument("--max-pairs", type=int, default=d["max_pairs"], help="IPO training pairs, a seeded subsample "
                    "(0: all, about 6,560; the default on a GPU)")
     grid.add_argument("--max-val-pairs", type=int, default=d["max_val_pairs"], help="IPO validation pairs")
@@ -159,6 +161,8 @@ def parse_args(argv=None):
         raise SystemExit("--alphas must be finite numbers and --taus finite and positive (paper: 0.1 ... 0.5)")
     if not (math.isfinite(args.lr_scale) and args.lr_scale > 0):
         raise SystemExit(f"--lr-scale {args.lr_scale}: give a positive factor (1 = the paper's learning rates)")
+    if args.ipo_epochs < 1:
+        raise SystemExit(f"--ipo-epochs {args.ipo_epochs}: give at least 1 pass over the training pairs (paper: 2)")
     if args.k < 1 or min(args.n_random, args.n_random_ipo, args.n_single) < 0 or args.n_random_ipo > args.n_random:
         raise SystemExit("--k must be at least 1, the counts at least 0, and --n-random-ipo at most --n-random")
     return args
@@ -203,11 +207,12 @@ def edit_unit(args, method, spec):
         fit = ["iti.py", "--probe", probe, "--heads", spec, "--alpha", *map(value, grid),
                "--direction", "mass_mean", "--out", pattern, *shlex.split(args.iti_args)]
     else:
-        ipo_model = [("float32" if a == "mixed" else a) for a in model_data_args(args)]  # IPO trains in float32:
-        # in bf16 the cached reference and the edited model round differently, so the loss starts off its target
-        fit = ["ipo_edit.py", *ipo_model, "--heads", spec, "--probe", probe, "--logp", args.logp, "--tau",
+        # IPO trains at the sweep's precision: under mixed its reference log-probs are cached at that precision too,
+        # so the loss starts exactly on its target (2.7778 at tau 0.3); the edit and AdamW's state stay float32
+        fit = ["ipo_edit.py", *model_data_args(args), "--heads", spec, "--probe", probe, "--logp", args.logp, "--tau",
                *map(value, grid), "--out", pattern, *(["--max-pairs", str(args.max_pairs)] if args.max_pairs else []),
                "--max-val-pairs", str(args.max_val_pairs), "--lr-scale", f"{args.lr_scale:g}",
+               "--epochs", str(args.ipo_epochs),
                *(["--instruction", args.instruction] if args.instruction != "default" else []),
                *shlex.split(args.ipo_args)]
     return {"name": f"{method} {spec}", "kind": method, "points": len(grid), "fits": 1,
