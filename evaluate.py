@@ -80,20 +80,28 @@ def load_judges(args):
             for kind, spec in (("truth", args.truth_judge), ("info", args.info_judge))}
 
 
-def judge_rows(targets, judges):
-    """Truth and Info for every row lacking them (or judged by another judge); rows rewritten after each batch."""
+def judge_rows(targets, judges, chunk=256):
+    """Truth and Info for every row lacking them (or judged by another judge): each distinct (question, answer) is
+    judged once, whichever edits gave it, a question's answers side by side (the judge encodes its prefix, the
+    question and its reference answers, once per call); rows rewritten after each chunk (a killed run resumes)."""
     abouts = {}
     for kind, scorer in judges.items():
         which = judge_id(scorer.about["judge"])
         abouts[kind] = dict(scorer.about, id=which)
-        pending = [(t, r) for t in targets for r in t.rows.values() if r.get(f"{kind}_spec") != which]
-        for i in tqdm(range(0, len(pending), 64), desc=f"{kind} judge"):
-            part = pending[i:i + 64]
-            probs = scorer.score([r["question"] for _, r in part], [r["answer"] for _, r in part])
-            for (_, row), p in zip(part, map(runfiles.finite_or_none, probs)):
-                row.update({f"{kind}_p": p, kind: None if p is None else float(p >= judge.THRESHOLD),
-                            f"{kind}_spec": which, f"{kind}_judge": abouts[kind]})
-            for t in {id(t): t for t, _ in part}.values():
+        rows_of = {}  # (question, answer) -> [(target, row)]
+        for t in targets:
+            for r in t.rows.values():
+                if r.get(f"{kind}_spec") != which:
+                    rows_of.setdefault((r["question"], r["answer"]), []).append((t, r))
+        pairs = sorted(rows_of)  # by question: its answers in one call
+        for i in tqdm(range(0, len(pairs), chunk), desc=f"{kind} judge ({len(pairs)} distinct answers)"):
+            part = pairs[i:i + chunk]
+            probs = scorer.score([q for q, _ in part], [a for _, a in part])
+            for pair, p in zip(part, map(runfiles.finite_or_none, probs)):
+                for _, row in rows_of[pair]:
+                    row.update({f"{kind}_p": p, kind: None if p is None else float(p >= judge.THRESHOLD),
+                                f"{kind}_spec": which, f"{kind}_judge": abouts[kind]})
+            for t in {id(t): t for pair in part for t, _ in rows_of[pair]}.values():
                 runfiles.write_text(t.jsonl, runfiles.json_lines(t.rows.values()))
     return abouts
 

@@ -260,6 +260,33 @@ def test_judge_path_with_a_tiny_stand_in_judge(tmp_path, monkeypatch):
     assert result["judges"]["truth"]["judge"] == "tiny-llama" and result["judges"]["info"]["judge"] == "tiny-gpt2"
 
 
+def test_each_distinct_answer_is_judged_once_and_every_row_gets_its_score():
+    """judge_rows: rows of several edits sharing a (question, answer) are judged once, with the same score."""
+    class Counting:
+        about = {"judge": "stand-in"}
+        calls = []
+
+        def score(self, questions, answers):
+            self.calls.append(list(zip(questions, answers)))
+            return [len(q + a) / 100 for q, a in zip(questions, answers)]  # a score computed from the pair alone
+
+    def target(name, answers):
+        rows = {q: {"question": q, "answer": a} for q, a in answers.items()}
+        return type("T", (), {"rows": rows, "jsonl": os.devnull})()
+    a = target("a", {"Q1?": "Yes.", "Q2?": "No."})
+    b = target("b", {"Q1?": "Yes.", "Q2?": "Maybe so."})
+    scorer = Counting()
+    evaluate.judge_rows([a, b], {"truth": scorer}, chunk=2)
+    judged = [pair for call in scorer.calls for pair in call]
+    assert sorted(judged) == [("Q1?", "Yes."), ("Q2?", "Maybe so."), ("Q2?", "No.")]  # the shared answer once
+    for t in (a, b):
+        for r in t.rows.values():
+            assert r["truth_p"] == len(r["question"] + r["answer"]) / 100
+            assert r["truth"] == float(r["truth_p"] >= judge.THRESHOLD) and r["truth_spec"] == "stand-in"
+    evaluate.judge_rows([a, b], {"truth": scorer})  # judged already by this judge: nothing to do
+    assert len(judged) == sum(map(len, scorer.calls))
+
+
 def test_killed_run_resumes_to_the_same_results(tmp_path, capsys, fixture_csv):
     data = fixture_csv(tmp_path / "tqa.csv", n=25)  # test split: 5 questions, 3 chunks of 2
     args = ["--judges", "default", "--truth-judge", "tiny-llama", "--info-judge", "tiny-llama", "--skip", "text"]
