@@ -297,8 +297,11 @@ class FineTunedJudge:
                          for l, modules in read_adapters(tensors, lora_scale(meta["rank"], meta["alpha"])).items()}
         self.yes_no = yes_no_ids(self.tokenizer, kind)
         self.about = {"judge": path, "kind": kind, "type": "fine-tuned LM judge (train_judge.py)",
-                      **{k: meta[k] for k in ("accuracy_A", "accuracy_B", "hedges", "hand_labels", "training_data",
-                                              "method", "command") if k in meta}}
+                      **{k: meta[k] for k in ("accuracy_A", "accuracy_B", "hedges", "training_data", "method",
+                                              "command")}}
+        if "hand_labels" in meta:  # the agreement per group (judge_checks.py); results carry no per-pair P(yes)
+            self.about["hand_labels"] = {group: {"agreement": r["agreement"], "n": r["n"]}
+                                         for group, r in meta["hand_labels"]["groups"].items()}
 
     @torch.no_grad()
     def score(self, questions, answers):

@@ -237,9 +237,8 @@ def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path
         about = loaded.about
         assert about["training_data"]["pairs"] == 120 and about["training_data"]["nonanswers"] > 0
         assert about["training_data"]["trained_on"] == (split == "train").sum() - 1  # not the hand-labelled pair
-        assert {g: r["n"] for g, r in about["hand_labels"]["groups"].items()} == {"unedited": 1, "ITI": 1, "IPO": 1,
-                                                                                  "all": 2}
-        assert about["hand_labels"]["pairs_sha256"] == judge_checks.pairs_checksum(hand)
+        assert {g: r["n"] for g, r in about["hand_labels"].items()} == {"unedited": 1, "ITI": 1, "IPO": 1, "all": 2}
+        assert loaded.meta["hand_labels"]["pairs_sha256"] == judge_checks.pairs_checksum(hand)
         assert [p[0] for p in loaded.meta["learning_curve"]["points"]] == [1, 2]  # 2 steps: a quarter rounds up to 1
         assert "train_judge.py" in about["command"] and about["hedges"]["n"] == 1
         assert about["accuracy_A"]["n"] + about["accuracy_B"]["n"] > 0
@@ -311,7 +310,8 @@ def test_shipped_judges_agreement_with_the_hand_labels_is_the_recorded_one(shipp
     spot = sorted({h["question"] for h in hand})[:4]
     rows = [i for i, h in enumerate(hand) if h["question"] in spot]
     for kind, j in shipped.items():
-        recorded = j.about["hand_labels"]
+        recorded = j.meta["hand_labels"]
+        assert j.about["hand_labels"]["all"]["agreement"] == recorded["groups"]["all"]["agreement"]  # results say it
         assert recorded["pairs_sha256"] == judge_checks.pairs_checksum(hand), "re-record: judge_checks.py --record"
         again = judge_checks.agreement(hand, recorded["p_yes"], kind)
         assert again == recorded["groups"], "a label changed: re-record with python judge_checks.py --record"
