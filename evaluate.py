@@ -82,27 +82,26 @@ def load_judges(args):
 
 def judge_rows(targets, judges, chunk=256):
     """Truth and Info for every row lacking them (or judged by another judge): each distinct (question, answer) is
-    judged once, whichever edits gave it, a question's answers side by side (the judge encodes its prefix, the
-    question and its reference answers, once per call); rows rewritten after each chunk (a killed run resumes)."""
-    abouts = {}
-    for kind, scorer in judges.items():
-        which = judge_id(scorer.about["judge"])
-        abouts[kind] = dict(scorer.about, id=which)
-        rows_of = {}  # (question, answer) -> [(target, row)]
-        for t in targets:
-            for r in t.rows.values():
-                if r.get(f"{kind}_spec") != which:
-                    rows_of.setdefault((r["question"], r["answer"]), []).append((t, r))
-        pairs = sorted(rows_of)  # by question: its answers in one call
-        for i in tqdm(range(0, len(pairs), chunk), desc=f"{kind} judge ({len(pairs)} distinct answers)"):
-            part = pairs[i:i + chunk]
-            probs = scorer.score([q for q, _ in part], [a for _, a in part])
-            for pair, p in zip(part, map(runfiles.finite_or_none, probs)):
+    judged once, whichever edits gave it, by both judges together (judge.score_together: the fine-tuned judges share
+    their base model's frozen pass), a question's answers side by side; rows rewritten after each chunk (a killed run
+    resumes)."""
+    abouts = {kind: dict(scorer.about, id=judge_id(scorer.about["judge"])) for kind, scorer in judges.items()}
+    rows_of = {}  # (question, answer) -> [(target, row)] that some judge has still to judge
+    for t in targets:
+        for r in t.rows.values():
+            if any(r.get(f"{kind}_spec") != abouts[kind]["id"] for kind in judges):
+                rows_of.setdefault((r["question"], r["answer"]), []).append((t, r))
+    pairs = sorted(rows_of)  # by question: its answers in one call
+    for i in tqdm(range(0, len(pairs), chunk), desc=f"judging ({len(pairs)} distinct answers, {' and '.join(judges)})"):
+        part = pairs[i:i + chunk]
+        probs = judge.score_together(judges, [q for q, _ in part], [a for _, a in part])
+        for kind, p_kind in probs.items():
+            for pair, p in zip(part, map(runfiles.finite_or_none, p_kind)):
                 for _, row in rows_of[pair]:
                     row.update({f"{kind}_p": p, kind: None if p is None else float(p >= judge.THRESHOLD),
-                                f"{kind}_spec": which, f"{kind}_judge": abouts[kind]})
-            for t in {id(t): t for pair in part for t, _ in rows_of[pair]}.values():
-                runfiles.write_text(t.jsonl, runfiles.json_lines(t.rows.values()))
+                                f"{kind}_spec": abouts[kind]["id"], f"{kind}_judge": abouts[kind]})
+        for t in {id(t): t for pair in part for t, _ in rows_of[pair]}.values():
+            runfiles.write_text(t.jsonl, runfiles.json_lines(t.rows.values()))
     return abouts
 
 

@@ -227,9 +227,12 @@ def answer_forward(model, h, answer_lengths, prefix_kv, layers, adapters, positi
 
 
 def log_p_yes_no(model, h, answer_lengths, yes_no):
-    """log P(" yes"), log P(" no") after each answer's last token (the raw softmax over the vocabulary). -> [b, 2]"""
+    """log P(" yes"), log P(" no") after each answer's last token (the raw softmax over the vocabulary). -> [b, 2]
+    The head runs in float32 even under autocast: bf16 logits (~20) round to steps of 1/8, which moved P(yes) near
+    the 0.5 threshold by up to 0.03 and sent many answers to the same few values there."""
     last = h[torch.arange(len(h), device=h.device), answer_lengths.to(h.device) - 1]  # [b, hidden]
-    logits = model.lm_head(model.model.norm(last)).float()  # [b, vocab]
+    with torch.autocast(h.device.type, enabled=False):
+        logits = model.lm_head(model.model.norm(last.float())).float()  # [b, vocab]
     return logits.log_softmax(-1)[:, list(yes_no)]
 
 
@@ -305,32 +308,30 @@ class FineTunedJudge:
 
     @torch.no_grad()
     def score(self, questions, answers):
-        """P(" yes") for each (question, answer): a list of floats in [0, 1]."""
-        return [float(p) for p in score_pairs(self.model, self.tokenizer, self.kind, self.adapters, questions, answers,
-                                              self.batch_size)]
+        """P(" yes") for each (question, answer): a list of floats in [0, 1] (judge_frozen.score_all)."""
+        import judge_frozen
+        return [float(p) for p in judge_frozen.score_all(self.model, self.tokenizer, {self.kind: self.adapters},
+                                                         self.meta["frozen_layers"], questions, answers)[self.kind]]
 
 
-@torch.no_grad()
-def score_pairs(model, tokenizer, kind, adapters, questions, answers, batch_size=32):
-    """P(yes) of each pair: each question's prefix encoded once (batch_size prefixes at a time), the answers in
-    batches. -> tensor [n]"""
-    yes_no, layers = yes_no_ids(tokenizer, kind), range(len(model.model.layers))
-    by_question = {}
-    for i, q in enumerate(questions):
-        by_question.setdefault(q, []).append(i)
-    unique, out = list(by_question), torch.zeros(len(questions))
-    with torch.autocast(model.device.type, dtype=torch.bfloat16):  # bf16 matrix units (CPU: AVX512-BF16)
-        for i in range(0, len(unique), batch_size):
-            group = unique[i:i + batch_size]
-            kv = dict(zip(group, encode_prefixes(model, [tokenizer(judge_prefix(q))["input_ids"] for q in group],
-                                                 set(layers))))
-            rows = [j for q in group for j in by_question[q]]
-            for k in range(0, len(rows), batch_size):
-                chunk = rows[k:k + batch_size]
-                ids, lengths = pad([answer_ids(tokenizer, answers[j], kind) for j in chunk])
-                h = answer_forward(model, model.model.embed_tokens(ids.to(model.device)), lengths,
-                                   [kv[questions[j]] for j in chunk], layers, adapters)
-                out[chunk] = log_p_yes_no(model, h, lengths, yes_no)[:, 0].exp().cpu()
+# ---- Several judges at once
+
+def score_together(judges, questions, answers):
+    """{kind: list of P(yes)} of several judges on the same pairs: fine-tuned judges on one base model share its
+    frozen pass (judge_frozen.score_all: about twice as fast as scoring them apart); any other judge scores alone."""
+    import judge_frozen
+    tuned = {kind: j for kind, j in judges.items() if isinstance(j, FineTunedJudge)}
+    out = {kind: j.score(questions, answers) for kind, j in judges.items() if kind not in tuned}
+    if tuned:
+        first = next(iter(tuned.values()))
+        if all(j.model is first.model and j.meta["frozen_layers"] == first.meta["frozen_layers"] for j in
+               tuned.values()):
+            with torch.no_grad():
+                probs = judge_frozen.score_all(first.model, first.tokenizer, {k: j.adapters for k, j in tuned.items()},
+                                               first.meta["frozen_layers"], questions, answers)
+            out.update({kind: [float(p) for p in probs[kind]] for kind in tuned})
+        else:
+            out.update({kind: j.score(questions, answers) for kind, j in tuned.items()})
     return out
 
 

@@ -7,6 +7,7 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q test_judge.py
 """
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 import judge
 import judge_checks
 import models
+import judge_frozen
 import train_judge
 import tqa
 
@@ -66,18 +68,29 @@ def test_agreement_with_hand_labels_by_hand():
     assert judge_checks.wilson(5, 5)[1] == pytest.approx(1.0) and judge_checks.wilson(0, 5)[0] == pytest.approx(0.0)
 
 
-def test_hand_labels_are_the_default_run_generations_labelled_once():
-    hand = judge_checks.read_labelled(judge_checks.HAND_LABELS, "--hand-labels")
-    assert len({(h["question"], h["answer"]) for h in hand}) == len(hand)  # distinct pairs
-    per_source = {}
-    for h in hand:
-        assert h["sources"] and len(set(h["sources"])) == len(h["sources"])
-        for s in h["sources"]:
-            per_source[s] = per_source.get(s, 0) + 1
-    assert per_source == {s: 32 for s in ("baseline", "iti-top8-a15", "iti-random8-0-a15", "ipo-top8-t0.3",
-                                          "ipo-all-t0.3", "ipo-random8-0-t0.3", "ipo-single14.8-t0.3")}
+def test_hand_labels_are_generations_of_the_runs_labelled_once():
+    """data/hand_labels.jsonl: distinct answers of the default course run (K = 16: the unedited model, ITI and IPO at
+    the claimed and at random sets, IPO at all heads), at least 40 of each group; data/hand_labels_quick.jsonl: the
+    32 answers of each of the quick run's seven result files."""
     known = {r["question"] for r in tqa.load_truthfulqa(tqa.DEFAULT_DATA)}
-    assert all(h["question"] in known for h in hand)
+    stems = re.compile(r"baseline|iti-(top16|random16-\d+)-a15|ipo-(top16|random16-\d+|all)-t0.3")
+    for path, pattern in ((judge_checks.HAND_LABELS, stems), (judge_checks.HAND_LABELS_QUICK, None)):
+        hand = judge_checks.read_labelled(path, "--hand-labels")
+        assert len({(h["question"], h["answer"]) for h in hand}) == len(hand)  # distinct pairs
+        assert all(h["question"] in known and h["sources"] and len(set(h["sources"])) == len(h["sources"])
+                   for h in hand)
+        per_source = {}
+        for h in hand:
+            for s in h["sources"]:
+                per_source[s] = per_source.get(s, 0) + 1
+        if pattern is None:
+            assert per_source == {s: 32 for s in ("baseline", "iti-top8-a15", "iti-random8-0-a15", "ipo-top8-t0.3",
+                                                  "ipo-all-t0.3", "ipo-random8-0-t0.3", "ipo-single14.8-t0.3")}
+        else:
+            assert all(pattern.fullmatch(s) for s in per_source), per_source
+            groups = [{judge_checks.source_group(s) for s in h["sources"]} for h in hand]
+            assert all(sum(g in gs for gs in groups) >= 40 for g in judge_checks.GROUPS)
+            assert {h["labelled"] for h in hand} == {"both labellers", "labellers differed; adjudicated"}
 
 
 # ---- the held-out splits and the non-answers
@@ -95,6 +108,25 @@ def test_splits_keep_answer_texts_and_questions_together():
             assert "B" not in split[i:i + 3]
     assert 0.2 < (split == "B").mean() < 0.4  # about the share asked for
     assert (split == judge_checks.split_of(questions[::-1], answers[::-1], 0.3, seed=0)[::-1]).all()  # order-free
+
+
+def test_folds_are_disjoint_and_fold_0_is_the_shipped_split():
+    """Cross-validation: fold F holds out the hash shares [F h, (F+1) h); every pair is held out in at most one fold,
+    a question is (B) in exactly the fold of its share, and fold 0 is the split the shipped judges were measured on."""
+    questions = [f"What is {i}?" for i in range(300) for _ in range(2)]
+    answers = [a for i in range(300) for a in (f"It is {i}.", f"Maybe {i}")]
+    folds = [judge_checks.split_of(questions, answers, 0.25, 0, fold) for fold in range(4)]
+    held = np.array([f != "train" for f in folds])  # [fold, pair]
+    assert (held.sum(0) >= 1).mean() > 0.9 and ((folds[0] == "B") | (folds[0] == "A")).any()
+    for i, q in enumerate(questions):
+        share = judge_checks.hashed_share("B:" + q, 0)
+        assert [f[i] == "B" for f in folds] == [k * 0.25 <= share < (k + 1) * 0.25 for k in range(4)]
+    assert ((np.array(folds) == "B").sum(0) == 1).all()  # 4 folds of 0.25: every question held out once
+    old = np.array(["B" if judge_checks.hashed_share("B:" + q, 0) < 0.25 else "A" if judge_checks.hashed_share(
+        f"A:{q}\n{judge_checks.normalise(a)}", 0) < 0.25 else "train" for q, a in zip(questions, answers)])
+    assert (folds[0] == old).all()
+    with pytest.raises(SystemExit, match="the folds are 0 to 3"):
+        train_judge.main(["--holdout", "0.25", "--fold", "4"])
 
 
 def test_nonanswers_are_kept_apart_from_the_hedge_test_set():
@@ -136,7 +168,7 @@ def test_prompt_is_the_plain_judge_prompt_with_references(tiny):
 def test_fast_pass_without_adapters_is_the_plain_lm(tiny):
     model, tok, _ = tiny["tiny-llama"]
     yes_no = judge.yes_no_ids(tok, "truth")
-    fast = judge.score_pairs(model, tok, "truth", {}, [q for q, _ in QA], [a for _, a in QA], batch_size=2)
+    fast = judge_frozen.score_all(model, tok, {"truth": {}}, 1, [q for q, _ in QA], [a for _, a in QA])["truth"]
     for (q, a), p in zip(QA, fast):
         ids = torch.tensor([sum(prompt_parts(tok, q, a), [])])
         with torch.no_grad():
@@ -166,6 +198,23 @@ def test_fast_pass_with_adapters_is_the_plain_definition(tiny):
         unadapted = torch.stack([judge.plain_log_p_yes_no(model, *prompt_parts(tok, q, a), {}, yes_no) for q, a in QA])
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     assert (fast - unadapted).abs().max() > 1e-3  # the adapters did something
+
+
+def test_judges_scored_together_are_each_judge_alone_and_the_plain_definition(tiny):
+    """score_all: one frozen pass shared by two judges (their suffixes on branches of their own) gives each judge
+    what it gives alone, and both the plain definition's P(yes) up to the bf16 states between the layers."""
+    model, tok, _ = tiny["tiny-llama"]
+    adapters = {"truth": random_adapters(model, [1, 2], seed=0), "info": random_adapters(model, [1, 2], seed=5)}
+    questions, answers = [q for q, _ in QA], [a for _, a in QA]
+    together = judge_frozen.score_all(model, tok, adapters, 1, questions, answers)
+    for kind in ("truth", "info"):
+        alone = judge_frozen.score_all(model, tok, {kind: adapters[kind]}, 1, questions, answers)[kind]
+        torch.testing.assert_close(together[kind], alone, rtol=5e-3, atol=1e-5)  # bf16 kernels of other shapes
+        with torch.no_grad():
+            plain = torch.stack([judge.plain_log_p_yes_no(model, *prompt_parts(tok, q, a, kind), adapters[kind],
+                                                          judge.yes_no_ids(tok, kind)) for q, a in QA])[:, 0].exp()
+        torch.testing.assert_close(together[kind], plain, rtol=0.03, atol=1e-6)
+    assert (together["truth"] / together["info"]).log().abs().max() > 0.05  # two different judges
 
 
 def test_lora_linear_and_answer_mask_by_hand():
@@ -199,7 +248,7 @@ def test_training_lowers_the_loss_on_the_pairs_it_trains_on(tmp_path, tiny):
     model, tok, _ = tiny["tiny-llama"]
     tiny_judge_set(tmp_path)
     questions, answers, p_yes = train_judge.read_judge_set(str(tmp_path / "truth.jsonl.gz"), "truth")
-    prefix_kv, hidden = train_judge.frozen_pass(model, tok, ["truth", "info"], questions, answers, frozen=1)
+    prefix_kv, hidden = judge_frozen.frozen_pass(model, tok, ["truth", "info"], questions, answers, frozen=1)
     data = {"questions": questions, "answers": answers, "p_yes": p_yes, "hidden": hidden["truth"],
             "lengths": [len(h) for h in hidden["truth"]], "prefix_kv": prefix_kv, "rows": np.arange(len(p_yes))}
     yes_no = judge.yes_no_ids(tok, "truth")
@@ -214,6 +263,38 @@ def test_training_lowers_the_loss_on_the_pairs_it_trains_on(tmp_path, tiny):
     adapters = train_judge.train(model, tok, "truth", data, 1, args, log=lambda s: None)
     assert set(adapters) == {1, 2} and set(adapters[1]) == set(judge.ADAPTED)  # the layers above the frozen one
     assert loss(adapters) < 0.9 * loss({}), (loss(adapters), loss({}))  # (its flat softmax bounds how far)
+
+
+def test_the_frozen_cache_runs_only_the_pairs_it_lacks(tmp_path, tiny, monkeypatch):
+    """A second run needing more pairs (another fold) reads the cached ones and runs only the new ones; every state
+    equals a plain frozen pass of the pair."""
+    model, tok, _ = tiny["tiny-llama"]
+    qa = [(f"What is thing {i}?", a) for i in range(4) for a in ("It is blue.", "No.")]
+    ran = []
+    real = judge_frozen.frozen_pass
+    monkeypatch.setattr(judge_frozen, "frozen_pass", lambda m, t, k, q, a, f: ran.append(len(q)) or real(m, t, k, q, a, f))
+    first = [qa[i] for i in (0, 1, 2, 5)]
+    judge_frozen.cached_frozen_pass(model, tok, ["truth", "info"], [q for q, _ in first], [a for _, a in first], 1,
+                                    str(tmp_path), "tiny-llama")
+    prefix_kv, hidden = judge_frozen.cached_frozen_pass(model, tok, ["truth", "info"], [q for q, _ in qa[::-1]],
+                                                        [a for _, a in qa[::-1]], 1, str(tmp_path), "tiny-llama")
+    assert ran == [4, 4]  # the 4 pairs it lacked, not all 8
+    plain_kv, plain = real(model, tok, ["truth", "info"], [q for q, _ in qa[::-1]], [a for _, a in qa[::-1]], 1)
+    for kind in ("truth", "info"):
+        for h, p in zip(hidden[kind], plain[kind]):
+            assert h.shape == p.shape and torch.allclose(h.float(), p.float(), atol=2e-2)
+    assert set(prefix_kv) == set(plain_kv)
+
+
+def test_the_yes_no_head_runs_in_float32_under_autocast(tiny):
+    """P(yes) near the threshold must not move with bf16 rounding of the logits: the head gives the same numbers
+    with and without autocast on the same hidden states."""
+    model, tok, _ = tiny["tiny-llama"]
+    h = torch.randn(3, 4, model.config.hidden_size) * 3
+    lengths, yes_no = torch.tensor([4, 2, 3]), judge.yes_no_ids(tok, "truth")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = judge.log_p_yes_no(model, h, lengths, yes_no)
+    assert torch.equal(under, judge.log_p_yes_no(model, h, lengths, yes_no)) and under.dtype == torch.float32
 
 
 def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path):
@@ -245,6 +326,21 @@ def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path
         assert all(0 <= p <= 1 for p in loaded.score(["What is thing 99?"] * 2, ["It is blue.", ""]))
     with pytest.raises(SystemExit, match="is a truth judge, not a info judge"):
         judge.load_judge(str(tmp_path / "judges" / "truth.safetensors"), "info")
+    before = {kind: judge.load_judge(str(tmp_path / "judges" / f"{kind}.safetensors"), kind).meta for kind in
+              ("truth", "info")}
+    common = ["--truth-data", str(tmp_path / "truth.jsonl.gz"), "--info-data", str(tmp_path / "info.jsonl.gz"),
+              "--hedges", str(tmp_path / "hedges.jsonl"), "--hand-labels", str(tmp_path / "hand.jsonl"),
+              "--model", "tiny-llama", "--frozen-layers", "2", "--holdout", "0.2", "--out", str(tmp_path / "judges")]
+    with pytest.raises(SystemExit, match="--fold 0 --holdout 0.2: pass the same"):
+        train_judge.main(common + ["--measure-only", "--fold", "1"])
+    judge.base_model.cache_clear()
+    train_judge.main(common + ["--measure-only"])  # the same adapters and scorer: the same numbers, a new record
+    for kind in ("truth", "info"):
+        after = judge.load_judge(str(tmp_path / "judges" / f"{kind}.safetensors"), kind).meta
+        assert "--measure-only" in after["remeasured"]["command"] and after["learning_curve"] == before[kind][
+            "learning_curve"]
+        for key in ("accuracy_A", "accuracy_B", "hedges"):
+            assert after[key] == before[kind][key]
 
 
 # ---- the causal-LM judge: raw P(" yes"), by hand on a tiny model

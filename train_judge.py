@@ -36,9 +36,10 @@ import time
 import numpy as np
 import torch
 
-from judge import (ADAPTED, SUFFIXES, answer_forward, answer_ids, check_supported, checksum, encode_prefixes,
-                   judge_prefix, log_p_yes_no, lora_scale, pad, score_pairs, suffix_ids, yes_no_ids)
-from judge_checks import (HAND_LABELS, HEDGES, measure, normalise, read_labelled, shown_references, split_of,
+from judge import (ADAPTED, SUFFIXES, answer_forward, check_supported, checksum, log_p_yes_no, lora_scale, pad,
+                   read_adapters, yes_no_ids)
+from judge_frozen import cached_frozen_pass, cached_log_p, score_all, top_log_p
+from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, measure, normalise, read_labelled, shown_references, split_of,
                           subsample)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,12 +54,16 @@ def parse_args(argv=None):
     data.add_argument("--info-data", default=os.path.join(HERE, "data", "finetune_info.jsonl.gz"),
                       help="the official info judge set, finetune_info.jsonl(.gz)")
     data.add_argument("--hedges", default=HEDGES, help="the hedge test set (jsonl: question, answer, truth, info)")
-    data.add_argument("--hand-labels", default=HAND_LABELS, help="hand-labelled generations of this tool's edits "
+    data.add_argument("--hand-labels", nargs="*", default=[HAND_LABELS, HAND_LABELS_QUICK], help="hand-labelled "
+                      "generations of this tool's edits, the first one measured (default: the default run's, then the "
+                      "quick run's) "
                       "(jsonl: question, answer, truth, info, sources); a test set: their pairs are never trained on")
     data.add_argument("--kinds", nargs="+", default=["truth", "info"], choices=["truth", "info"],
                       help="judges to train")
     data.add_argument("--holdout", type=float, default=0.15, help="share of questions held out (B), and of the other "
                       "questions' answer groups (A)")
+    data.add_argument("--fold", type=int, default=0, help="which held-out share (cross-validation): fold F holds out the "
+                      "hash shares [F*holdout, (F+1)*holdout), disjoint from the other folds; 0 = the shipped judges'")
     data.add_argument("--nonanswers-per-question", type=int, default=2, help="templated non-answers added per question")
     data.add_argument("--train-pairs", type=int, default=0, help="train on at most this many judge-set pairs, "
                       "at random (0 = all; a busy CPU)")
@@ -78,6 +83,8 @@ def parse_args(argv=None):
     run.add_argument("--cache", default="", help="folder to keep the frozen pass in, and reuse it from (e.g. "
                      "runs/judge_cache; about 1.5 GB; '' = none)")
     run.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the adapters and the order")
+    run.add_argument("--measure-only", action="store_true", help="train nothing: measure the judges in --out again "
+                     "on their fold (after a change to the scorer or the test sets) and rewrite what they record")
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads (others share the machine)")
     return p.parse_args(argv)
 
@@ -140,47 +147,6 @@ def make_nonanswers(questions, per_question, seed, exclude=()):
     return out
 
 
-# ---- The frozen pass: prefixes' keys/values at the top layers, answers' hidden states after the frozen layers
-
-@torch.no_grad()
-def frozen_pass(model, tokenizer, kinds, questions, answers, frozen, batch_size=16, log_every=100):
-    """The frozen layers, once for all judges: each question's prefix, then its answers, each answer's tokens once
-    with every judge's suffix after it as a branch of its own (judge.branch_mask), so that the states are those of
-    ` {answer}\n{suffix}` for each suffix. -> (prefix_kv: question -> {top layer: (keys, values)},
-    hidden: kind -> per pair [answer + suffix tokens, hidden] bf16 after `frozen` layers)"""
-    n_layers = len(model.model.layers)
-    suffixes = [torch.tensor(suffix_ids(tokenizer, kind)) for kind in kinds]
-    by_question, prefix_kv = {}, {}
-    for i, q in enumerate(questions):
-        by_question.setdefault(q, []).append(i)
-    hidden, start = {kind: [None] * len(questions) for kind in kinds}, time.time()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for n, (q, rows) in enumerate(by_question.items()):
-            kv = encode_prefixes(model, [tokenizer(judge_prefix(q))["input_ids"]], set(range(n_layers)))[0]
-            prefix_kv[q] = {l: (k.bfloat16(), v.bfloat16()) for l, (k, v) in kv.items() if l >= frozen}
-            tokens = {j: answer_ids(tokenizer, answers[j], kinds[0])[:-len(suffixes[0])] for j in rows}
-            rows = sorted(rows, key=lambda j: len(tokens[j]))  # similar lengths share a batch
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i:i + batch_size]
-                ids, lengths = pad([tokens[j] for j in chunk])  # [b, La]
-                b, la = ids.shape
-                positions = [torch.arange(la).expand(b, -1)] + [lengths[:, None] + torch.arange(len(s)) for s in
-                                                                suffixes]
-                branch = [torch.where(torch.arange(la)[None, :] < lengths[:, None], 0, -1)]
-                branch += [torch.full((b, len(s)), k + 1) for k, s in enumerate(suffixes)]
-                ids = torch.cat([ids] + [s.expand(b, -1) for s in suffixes], 1)
-                h = answer_forward(model, model.model.embed_tokens(ids), None, [kv] * b, range(frozen), {},
-                                   torch.cat(positions, 1), torch.cat(branch, 1))
-                offset = la
-                for kind, s in zip(kinds, suffixes):
-                    for r, (row, length) in enumerate(zip(chunk, lengths.tolist())):
-                        hidden[kind][row] = torch.cat([h[r, :length], h[r, offset:offset + len(s)]]).bfloat16()
-                    offset += len(s)
-            if log_every and (n + 1) % log_every == 0:
-                print(f"  frozen pass: {n + 1}/{len(by_question)} questions, {time.time() - start:.0f} s", flush=True)
-    return prefix_kv, hidden
-
-
 # ---- LoRA adapters of the top layers
 
 def init_adapters(model, layers, rank, alpha, seed):
@@ -208,15 +174,6 @@ def batches(lengths, batch_size, rng):
         chunk = sorted(order[i:i + batch_size * 16], key=lambda j: lengths[j])
         out += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
     return [out[i] for i in rng.permutation(len(out))]
-
-
-def top_log_p(model, hidden, lengths, prefix_kv, questions, rows, frozen, adapters, yes_no):
-    """log P(yes), log P(no) of the pairs `rows` from their cached frozen-pass states. -> [b, 2]"""
-    h, n = pad([hidden[j] for j in rows])
-    n = torch.tensor([lengths[j] for j in rows])
-    top = range(frozen, len(model.model.layers))
-    h = answer_forward(model, h, n, [prefix_kv[questions[j]] for j in rows], top, adapters)
-    return log_p_yes_no(model, h, n, yes_no)
 
 
 def soft_cross_entropy(log_p, target):
@@ -272,19 +229,22 @@ def train(model, tokenizer, kind, data, frozen, args, log=print, curve=None):
     return adapters
 
 
-@torch.no_grad()
-def cached_log_p(model, data, rows, frozen, adapters, yes_no, batch_size=64):
-    """log P(yes), log P(no) of cached pairs `rows` (batched by length) under `adapters`. -> [len(rows), 2]"""
-    order, out = sorted(range(len(rows)), key=lambda i: data["lengths"][rows[i]]), torch.zeros(len(rows), 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for i in range(0, len(order), batch_size):
-            chunk = order[i:i + batch_size]
-            out[chunk] = top_log_p(model, data["hidden"], data["lengths"], data["prefix_kv"], data["questions"],
-                                   [rows[k] for k in chunk], frozen, adapters, yes_no).float()
-    return out
-
-
 # ---- The judge file: adapters (bf16) and provenance
+
+def read_judge(path, kind, args):
+    """The adapters and metadata of a judge file, refused unless made with this run's model, layers and fold."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise SystemExit(f"--measure-only: {path} is missing; train it first (without --measure-only)")
+    with safe_open(path, "pt") as f:
+        about, tensors = json.loads(f.metadata()["judge"]), {k: f.get_tensor(k) for k in f.keys()}
+    made = (about["base_model"], about["frozen_layers"], about.get("fold", 0), about.get("holdout", 0.15))
+    if made != (args.model, args.frozen_layers, args.fold, args.holdout):
+        raise SystemExit(f"--measure-only: {path} was made with --model {made[0]} --frozen-layers {made[1]} --fold "
+                         f"{made[2]} --holdout {made[3]}: pass the same to measure it on its own held-out fold")
+    adapters = read_adapters(tensors, lora_scale(about["rank"], about["alpha"]))
+    return {l: {m: (a, b, scale) for m, (a, b, scale) in modules.items()} for l, modules in adapters.items()}, about
+
 
 def save_judge(path, kind, adapters, about):
     from safetensors.torch import save_file
@@ -294,6 +254,25 @@ def save_judge(path, kind, adapters, about):
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(dict(about, kind=kind))}))
 
 
+def training_data(args, hedges, hand_labels):
+    """The run's pairs: the judge sets' distinct pairs (subsampled with --train-pairs/--test-pairs), split into train
+    and the held-out fold --fold (A, B; 'hand': a hand-labelled pair, never trained on), then the templated
+    non-answers to the questions not held out. -> (labels: kind -> {pair: share of yes}, pairs, extra non-answers,
+    split of pairs + extra)"""
+    sets = {kind: read_judge_set(getattr(args, f"{kind}_data"), kind) for kind in args.kinds}
+    labels = {kind: dict(zip(zip(q, a), p)) for kind, (q, a, p) in sets.items()}
+    pairs = sorted(set().union(*labels.values()))  # the two official sets hold the same pairs
+    split = split_of([q for q, _ in pairs], [a for _, a in pairs], args.holdout, args.seed, args.fold)
+    tested = {(h["question"], normalise(h["answer"])) for h in hand_labels}  # test pairs: never trained on
+    split[[s == "train" and (q, normalise(a)) in tested for (q, a), s in zip(pairs, split)]] = "hand"  # (<U5 strings)
+    keep = subsample(split, {"train": args.train_pairs, "A": args.test_pairs, "B": args.test_pairs}, args.seed)
+    pairs, split = [pairs[i] for i in keep], split[keep]
+    extra = make_nonanswers({q for (q, _), s in zip(pairs, split) if s != "B"}, args.nonanswers_per_question,
+                            args.seed, exclude={h["question"] for h in hedges})
+    extra = [(q, a) for q, a in extra if (q, normalise(a)) not in tested]
+    return labels, pairs, extra, np.concatenate([split, np.full(len(extra), "train")])
+
+
 def main(argv=None):
     from models import load_model
     from runfiles import run_info
@@ -301,6 +280,9 @@ def main(argv=None):
     if not 0 < args.holdout < 0.5:
         raise SystemExit(f"--holdout {args.holdout}: give the share of questions held out for measuring, between 0 "
                          "and 0.5 (default 0.15); without a held-out share the judge's accuracy cannot be measured")
+    if args.fold < 0 or (args.fold + 1) * args.holdout > 1:
+        raise SystemExit(f"--fold {args.fold}: with --holdout {args.holdout} the folds are 0 to "
+                         f"{int(1 / args.holdout) - 1} (fold F holds out the shares [F*holdout, (F+1)*holdout))")
     if not (args.epochs > 0 and args.lr > 0 and args.train_pairs >= 0 and args.test_pairs >= 0):
         raise SystemExit("--epochs and --lr must be positive, --train-pairs and --test-pairs 0 (all) or more")
     run = run_info(args)
@@ -315,37 +297,18 @@ def main(argv=None):
         raise SystemExit(f"--frozen-layers {frozen}: {args.model} has {len(model.model.layers)} layers; leave at "
                          "least one to train")
     hedges = read_labelled(args.hedges)
-    hand_labels = read_labelled(args.hand_labels, "--hand-labels") if args.hand_labels else []
+    hand_sets = [read_labelled(path, "--hand-labels") for path in args.hand_labels]
+    hand_labels = hand_sets[0] if hand_sets else []  # measured; every set's pairs are kept out of training
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    sets = {kind: read_judge_set(getattr(args, f"{kind}_data"), kind) for kind in args.kinds}
-    labels = {kind: dict(zip(zip(q, a), p)) for kind, (q, a, p) in sets.items()}
-    pairs = sorted(set().union(*labels.values()))  # the two official sets hold the same pairs
-    n_pairs = len(pairs)
-    split = split_of([q for q, _ in pairs], [a for _, a in pairs], args.holdout, args.seed)
-    tested = {(h["question"], normalise(h["answer"])) for h in hand_labels}  # test pairs: never trained on
-    split[[s == "train" and (q, normalise(a)) in tested for (q, a), s in zip(pairs, split)]] = "hand"  # (<U5 strings)
-    keep = subsample(split, {"train": args.train_pairs, "A": args.test_pairs, "B": args.test_pairs}, args.seed)
-    pairs, split = [pairs[i] for i in keep], split[keep]
-    extra = make_nonanswers({q for (q, _), s in zip(pairs, split) if s != "B"}, args.nonanswers_per_question,
-                            args.seed, exclude={h["question"] for h in hedges})
-    extra = [(q, a) for q, a in extra if (q, normalise(a)) not in tested]
+    labels, pairs, extra, split = training_data(args, hedges, [h for rows in hand_sets for h in rows])
+    n_pairs = len(set().union(*labels.values()))
     questions, answers = [q for q, _ in pairs + extra], [a for _, a in pairs + extra]
-    split = np.concatenate([split, np.full(len(extra), "train")])
     print(f"{len(pairs)} judge-set pairs + {len(extra)} non-answers; train {int((split == 'train').sum())}, "
           f"held out (A) {int((split == 'A').sum())}, (B) {int((split == 'B').sum())}; not trained on (hand-labelled) "
           f"{int((split == 'hand').sum())}", flush=True)
-    key = hashlib.sha256(json.dumps([args.model, frozen, sorted(args.kinds), judge_prefix("Q"), questions,
-                                      answers]).encode())
-    cache = os.path.join(args.cache, f"frozen_{key.hexdigest()[:12]}.pt") if args.cache else None
-    if cache and os.path.isfile(cache):
-        prefix_kv, hidden = torch.load(cache)
-    else:
-        prefix_kv, hidden = frozen_pass(model, tokenizer, args.kinds, questions, answers, frozen)
-        if cache:
-            from runfiles import write_atomic
-            os.makedirs(args.cache, exist_ok=True)
-            write_atomic(cache, lambda tmp: torch.save((prefix_kv, hidden), tmp))
+    prefix_kv, hidden = cached_frozen_pass(model, tokenizer, args.kinds, questions, answers, frozen, args.cache,
+                                           args.model)
     frozen_seconds = time.time() - t0
     print(f"frozen pass {frozen_seconds:.0f} s", flush=True)
     for kind in args.kinds:
@@ -357,8 +320,12 @@ def main(argv=None):
                 "rows": np.flatnonzero((split == "train") & ~np.isnan(p_yes))}
         held_out = np.flatnonzero(np.isin(split, ["A", "B"]) & ~np.isnan(p_yes))  # a learning curve's pairs
         data["curve_rows"] = np.sort(np.random.default_rng(args.seed).permutation(held_out)[:CURVE_PAIRS])
-        curve = []
-        adapters = train(model, tokenizer, kind, data, frozen, args, log=lambda s: print(s, flush=True), curve=curve)
+        curve, out = [], os.path.join(args.out, f"{kind}.safetensors")
+        if args.measure_only:  # the judge file's adapters, measured again (e.g. after a change to the scorer)
+            adapters, shipped = read_judge(out, kind, args)
+        else:
+            adapters = train(model, tokenizer, kind, data, frozen, args, log=lambda s: print(s, flush=True),
+                             curve=curve)
         t2 = time.time()
         measured_split = np.where(np.isnan(p_yes), "none", split)
         rows = np.flatnonzero(np.isin(measured_split, ["A", "B"]))
@@ -366,11 +333,17 @@ def main(argv=None):
         p_judged[rows] = cached_log_p(model, data, rows, frozen, adapters, yes_no_ids(tokenizer, kind))[:, 0].exp()
         references = shown_references(questions)
         new_text = np.array([pair not in references for pair in zip(questions, answers)])
-        measured = measure(kind, lambda q, a: score_pairs(model, tokenizer, kind, adapters, q, a).numpy(), p_yes,
+        measured = measure(kind, lambda q, a: score_all(model, tokenizer, {kind: adapters}, frozen, q, a)[kind].numpy(),
+                           p_yes,
                            p_judged, measured_split, new_text, hedges, hand_labels)
         print(kind, json.dumps(measured), flush=True)
         for group, r in measured.get("hand_labels", {}).get("groups", {}).items():
             print(f"{kind} agreement with the hand labels, {group}: {r['agreement']:.1%} (n {r['n']})", flush=True)
+        if args.measure_only:
+            save_judge(out, kind, adapters, dict(shipped, **measured, remeasured={"command": run["command"],
+                                                                                   "seconds": round(time.time() - t2)}))
+            print(f"measured again: {out}", flush=True)
+            continue
         if args.refit_all:
             adapters = train(model, tokenizer, kind, dict(data, rows=np.flatnonzero(~np.isnan(p_yes))), frozen, args,
                              log=lambda s: print(s, flush=True))
@@ -379,10 +352,11 @@ def main(argv=None):
                                         f"{frozen}-{len(model.model.layers) - 1}, fine-tuned on the judge set plus "
                                         f"{len(extra)} templated non-answers; reads the question's first "
                                         "reference answers; P(yes) = raw next-token probability"),
-                 "measured_on": ("held-out fold: (A) answer groups of known questions, (B) questions, "
+                 "measured_on": (f"held-out fold {args.fold}: (A) answer groups of known questions, (B) questions, "
                                  f"{args.holdout:.0%} each by hash; the shipped adapters are "
                                  + ("refit on all pairs" if args.refit_all else "the measured ones")),
                  "base_model": args.model, "frozen_layers": frozen, "rank": args.rank, "alpha": args.alpha,
+                 "fold": args.fold, "holdout": args.holdout,
                  "training_data": {"file": os.path.basename(path), "sha256": checksum(path), "pairs": n_pairs,
                                    "trained_on": int(np.isin(data["rows"], np.arange(len(pairs))).sum()),
                                    "nonanswers": len(extra)},
@@ -392,7 +366,6 @@ def main(argv=None):
                  "seconds": {"frozen_pass_shared": round(frozen_seconds), "training": round(t2 - t1),
                              "measuring": round(time.time() - t2)},
                  "command": run["command"], "run": run}
-        out = os.path.join(args.out, f"{kind}.safetensors")
         save_judge(out, kind, adapters, about)
         print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB); {time.time() - t0:.0f} s so far", flush=True)
 
