@@ -12,7 +12,9 @@ beside the fast ones, in probe.py and evaluate.py), on identical inputs, after c
   6-8. bf16 vs float32    the fast precision (--fast-dtype, models' 'mixed') vs float32 on the same work: the probe
                           capture (row 2), MC scoring (row 4) and an IPO step (row 5), with their agreement figures
   9. edit batch           E ITI edits scored in one pass (heads.EditBatch) vs one edit after another: the same scores
-Rows 4-5 and 7-9 use the first --n-questions questions of --data (the shipped TruthfulQA CSV by default).
+ 10. judges together      the truth and info judges on one shared frozen pass (judge_frozen.score_all) vs each judge
+                          on its own pass; the shipped judges on smollm2-135m, random adapters on other models
+Rows 4-5 and 7-10 use the first --n-questions questions of --data (the shipped TruthfulQA CSV by default).
 Row 3 uses synthetic head outputs at Alpaca-7B's geometry (--probe-shape). Ratios mean something anywhere; absolute
 seconds only on the machine they were taken on. Prints a table (device, model, threads and the CPU's bf16 matrix units
 in its header and in every row); --json writes it. Rows 5 and 8 (IPO) are in bench_ipo.py; the timer, the row format
@@ -51,7 +53,7 @@ parser.add_argument("--pairs", type=int, default=4, help="row 5: preference pair
 parser.add_argument("--n-edits", type=int, default=4, help="row 9: edits scored at once")
 parser.add_argument("--fast-dtype", default="mixed", choices=["mixed", "bfloat16", "float16"], help="rows 6-8: the fast precision, a models --dtype (default: "
                     "mixed, bf16 matrix products with float32 residual stream and log-softmax)")
-parser.add_argument("--stages", default="1,2,3,4,5,6,7,8,9", help="which rows to run, e.g. 1,2")
+parser.add_argument("--stages", default="1,2,3,4,5,6,7,8,9,10", help="which rows to run, e.g. 1,2")
 parser.add_argument("--json", default=None, help="also write the table to this JSON file")
 
 
@@ -302,6 +304,33 @@ def row_edit_batch(model, tok, args, device):
                        f"{len(questions)} questions; max |score diff| {diff:.1e}")
 
 
+def row_judges(model, tok, args, device):
+    import judge
+    import judge_frozen
+    import train_judge
+    n_layers = len(model.model.layers)
+    if args.model == "smollm2-135m":  # the shipped judges' adapters (their base is this model)
+        kinds = {k: judge.FineTunedJudge(judge.DEFAULT_JUDGES[k], k, device) for k in ("truth", "info")}
+        adapters, frozen = {k: j.adapters for k, j in kinds.items()}, kinds["truth"].meta["frozen_layers"]
+    else:
+        frozen = max(1, 2 * n_layers // 3)
+        adapters = {k: train_judge.init_adapters(model, range(frozen, n_layers), 4, 8, seed) for seed, k in
+                    enumerate(("truth", "info"))}
+    pairs = [(q["question"], a) for q in load_questions(args) for a in q["correct"] + q["incorrect"]]
+    questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
+    with torch.no_grad():
+        t_once, once = median_time(lambda: judge_frozen.score_all(model, tok, adapters, frozen, questions, answers),
+                                   args.repeats, device)
+        t_apart, apart = median_time(lambda: {k: judge_frozen.score_all(model, tok, {k: a}, frozen, questions,
+                                                                        answers)[k] for k, a in adapters.items()},
+                                     args.repeats, device)
+    diff = max(float((once[k] - apart[k]).abs().max()) for k in adapters)
+    # bf16 states: another batch shape moves P(yes) by up to ~0.02 (the shipped judges), either way
+    return speedup_row("10 judges together", t_once, t_apart, "apart/together", 1.5, diff <= 0.02,
+                       f"truth + info judges (frozen layers 0-{frozen - 1}) on {len(pairs)} answers to "
+                       f"{len(set(questions))} questions; max |P(yes) diff| {diff:.1e}")
+
+
 def print_table(rows, header):
     print(header)
     print(f"{'stage':<24}{'ours s':>10}{'ref s':>10}{'ratio':>9}  {'target':<8}{'met':<5}{'same':<5} note")
@@ -311,7 +340,8 @@ def print_table(rows, header):
 
 
 ROWS = {"1": row_hook_overhead, "2": row_capture, "3": row_probes, "4": row_mc_scoring, "5": bench_ipo.row_ipo_step,
-        "6": row_fast_capture, "7": row_fast_mc, "8": bench_ipo.row_fast_ipo, "9": row_edit_batch}
+        "6": row_fast_capture, "7": row_fast_mc, "8": bench_ipo.row_fast_ipo, "9": row_edit_batch,
+        "10": row_judges}
 
 
 def main(argv=None):

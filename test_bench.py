@@ -20,12 +20,13 @@ def test_every_row_agrees_with_its_reference(tmp_path):
     """Each row's two sides do the same work and agree: the same outputs (rows 1-5, 9), or agreement within the
     row's stated tolerance (rows 6-8: bf16 vs float32). The timings are not asserted: they are what the row reports."""
     rows = bench.main(SMALL + ["--json", str(tmp_path / "bench.json")])
-    assert [r["stage"].split()[0] for r in rows] == ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
+    assert [r["stage"].split()[0] for r in rows] == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]
     for r in rows:
         assert r["match"] is True, r
         assert r["threads"] == 1 and r["matrix_units"] in ("AMX-BF16", "AVX512-BF16", "AMX-BF16+AVX512-BF16", "none")
     assert rows[2]["top_k_overlap"] == 16 and "accuracies differ at 0 heads" in rows[2]["note"]
-    assert float(rows[-1]["note"].rsplit(" ", 1)[1]) <= 1e-5  # the edit batch: the same scores
+    assert float(rows[-2]["note"].rsplit(" ", 1)[1]) <= 1e-5  # the edit batch: the same scores
+    assert float(rows[-1]["note"].rsplit(" ", 1)[1]) <= 1e-4  # judges together: each judge's P(yes) (tiny model)
     with open(tmp_path / "bench.json") as f:
         saved = json.load(f)
     assert "tiny-llama" in saved["header"] and "1 CPU thread" in saved["header"] and len(saved["rows"]) == len(rows)
