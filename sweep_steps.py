@@ -2,7 +2,8 @@
 evaluating many edits in one evaluate.py call.
 
 A step is (command, the files it writes). It is done when its files exist AND RUN/sweep_done.jsonl records that the
-same command made them (so a sweep with other settings redoes what they change, and a killed sweep resumes). Each
+same command made them from the same inputs (the run's files it reads: an edit, the probe; size and time), so a sweep
+with other settings redoes what they change, a killed sweep resumes, and a result of an edit refit since is redone. Each
 evaluation step is recorded as its own one-edit evaluate.py command, whichever batch actually ran it, so a resumed
 or resharded sweep reuses every result its settings still match.
 """
@@ -38,8 +39,28 @@ def read_jsonl(path):
 
 
 def made_by(step):
-    """{output file: the command that last made it}, from the run's record."""
-    return {out: row["command"] for row in read_jsonl(done_path(step)) for out in row["outputs"]}
+    """{output file: the record of the step that last made it (its command and inputs)}, from the run's record."""
+    return {out: row for row in read_jsonl(done_path(step)) for out in row["outputs"]}
+
+
+def inputs_of(step):
+    """{path: [size, mtime_ns]} of what the step reads that other steps of the run make (its command's files and
+    folders inside the run folder: an evaluation's edit file, a fit's probe folder). A refit rewrites them, so a
+    result made from an older edit is known as such even when the sweep was killed before re-evaluating it."""
+    cmd, outputs = step
+    run = os.path.dirname(done_path(step))
+    inputs = {}
+    written = [os.path.abspath(p) for p in outputs]
+    for arg in cmd[1:]:
+        path = os.path.abspath(arg)
+        if (not path.startswith(run + os.sep) or not os.path.exists(path)
+                or any(p == path or p.startswith(path + os.sep) for p in written)):  # an output, or its folder
+            continue
+        files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
+        for f in files:
+            if os.path.isfile(f):
+                inputs[os.path.relpath(f, run)] = [os.path.getsize(f), os.stat(f).st_mtime_ns]
+    return inputs
 
 
 def stale(step):
@@ -47,10 +68,14 @@ def stale(step):
     cmd, outputs = step
     if not all(os.path.isfile(p) for p in outputs):
         return None
-    record = made_by(step)
+    rows = made_by(step)
+    record = {p: row["command"] for p, row in rows.items()}
     differing = [p for p in outputs if record.get(p) != cmd]
     if not differing:
-        return None
+        now = inputs_of(step)  # records without inputs (written before they were kept) are taken as they are
+        changed = sorted(k for p in outputs if "inputs" in rows[p] for k in set(now) | set(rows[p]["inputs"])
+                         if now.get(k) != rows[p]["inputs"].get(k))
+        return f"{changed[0]} was remade after it (a refit)" if changed else None
     if all(p not in record for p in differing):
         if cmd[0] == "probe.py":  # a probe run by hand (as for shards): probe.py checks its own cache's settings
             return None
@@ -66,7 +91,7 @@ def done(step):
 
 def record_done(step):
     with open(done_path(step), "a") as f:  # one short line per step: shards may append at once
-        f.write(json.dumps({"outputs": step[1], "command": step[0]}) + "\n")
+        f.write(json.dumps({"outputs": step[1], "command": step[0], "inputs": inputs_of(step)}) + "\n")
 
 
 def remove_outputs(step):

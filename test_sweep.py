@@ -160,10 +160,16 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     # other settings: the units they change are redone (and say why), the others are kept
     with open(f"{run}/sweep_times.jsonl", "a") as f:
         f.write('{"unit": "cut sho')  # a line cut by a kill must not break later sweeps
+    # a sweep killed between a refit and its evaluation: the old result must not pass for the new edit's
+    killed = next(u for u in units if u["name"] == "ipo random:2:0")
+    refit = ([a if a != "8" else "6" for a in killed["steps"][0][0]], killed["steps"][0][1])
+    assert sweep.run_command(refit[0], False) == 0
+    sweep_steps.record_done(refit)  # what the killed sweep had recorded; its evaluation never ran
     sweep.main([a if a != "8" else "6" for a in argv])  # --max-pairs 8 -> 6: every IPO unit, nothing else
     out = capsys.readouterr().out
     redone = {line[len("redoing "):].split(" (")[0] for line in out.splitlines() if line.startswith("redoing ")}
     assert redone == {n for n in names if n.startswith("ipo ")} and "other settings" in out
+    assert "redoing ipo random:2:0 (ipo-random2-0-t0.1.json: edits/ipo-random2-0-t0.1.safetensors was remade" in out
     assert os.path.getmtime(units[1]["steps"][-1][1][0]) == stamp  # the baseline was kept
 
 
