@@ -40,7 +40,7 @@ import time
 import heads
 import models
 import tqa
-from sweep_steps import (HERE, batches, done, read_jsonl, record_done, remove_outputs, run_command,
+from sweep_steps import (HERE, JUDGES_CHANGED, batches, done, read_jsonl, record_done, remove_outputs, run_command,
                          stale)
 
 # Presets (--preset; every size is also a flag). paper: Wang & Veitch's sizes, the default on a GPU (with ITI's
@@ -319,7 +319,8 @@ def run_stage(units, args, times_path):
             if why and any(os.path.isfile(p) for p in step[1]):
                 if not made:  # (a refit has said so already)
                     print(f"redoing {unit['name']} ({os.path.basename(step[1][0])}: {why})", flush=True)
-                remove_outputs(step)
+                if not why.startswith(JUDGES_CHANGED):  # evaluate.py keeps the rows and only judges them again
+                    remove_outputs(step)
             pending += [step] if not done(step) else []
     for cmd, part in batches(pending):
         print(f"\n[evaluate] {len(part)} edit{'s' * (len(part) > 1)} in one call", flush=True)

@@ -7,6 +7,7 @@ with other settings redoes what they change, a killed sweep resumes, and a resul
 evaluation step is recorded as its own one-edit evaluate.py command, whichever batch actually ran it, so a resumed
 or resharded sweep reuses every result its settings still match.
 """
+import functools
 import json
 import os
 import runpy
@@ -60,7 +61,31 @@ def inputs_of(step):
         for f in files:
             if os.path.isfile(f):
                 inputs[os.path.relpath(f, run)] = [os.path.getsize(f), os.stat(f).st_mtime_ns]
-    return inputs
+    return dict(inputs, **judges_of(cmd))
+
+
+JUDGES_CHANGED = "the judges changed"
+
+
+def judges_of(cmd):
+    """{'judge:KIND': sha256 prefix} of the judge files an evaluate.py command judges with (none with --judges none,
+    or for a judge that is not a file): results judged by other judges are judged again, their other numbers kept."""
+    if cmd[0] != "evaluate.py" or ("--judges" in cmd and cmd[cmd.index("--judges") + 1] == "none"):
+        return {}
+    import judge
+    out = {}
+    for kind in ("truth", "info"):
+        flag = f"--{kind}-judge"
+        path = cmd[cmd.index(flag) + 1] if flag in cmd else judge.DEFAULT_JUDGES[kind]
+        if os.path.isfile(path):
+            out[f"judge:{kind}"] = _checksum(os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _checksum(path, size, mtime_ns):  # read once per version of the file
+    import judge
+    return judge.checksum(path)[:16]
 
 
 def stale(step):
@@ -75,6 +100,8 @@ def stale(step):
         now = inputs_of(step)  # records without inputs (written before they were kept) are taken as they are
         changed = sorted(k for p in outputs if "inputs" in rows[p] for k in set(now) | set(rows[p]["inputs"])
                          if now.get(k) != rows[p]["inputs"].get(k))
+        if changed and all(k.startswith("judge:") for k in changed):
+            return f"{JUDGES_CHANGED} ({', '.join(k[6:] for k in changed)}): judged again, the rest kept"
         return f"{changed[0]} was remade after it (a refit)" if changed else None
     if all(p not in record for p in differing):
         if cmd[0] == "probe.py":  # a probe run by hand (as for shards): probe.py checks its own cache's settings

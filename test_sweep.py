@@ -173,6 +173,32 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, fixture_csv):
     assert os.path.getmtime(units[1]["steps"][-1][1][0]) == stamp  # the baseline was kept
 
 
+def test_a_result_of_other_judges_is_judged_again_and_kept(tmp_path):
+    """An evaluation's record holds the judges' checksums: new judge files make it stale with the reason that tells
+    run_stage to keep its rows (evaluate.py then only judges them again); a refit edit makes it stale outright."""
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "edits").mkdir()
+    edit, truth, info = run / "edits" / "e.safetensors", tmp_path / "truth.safetensors", tmp_path / "info.safetensors"
+    for f, text in ((edit, "edit"), (truth, "t1"), (info, "i1")):
+        f.write_text(text)
+    out = run / "results" / "e.json"
+    step = (["evaluate.py", "--edit", str(edit), "--out", str(out), "--truth-judge", str(truth), "--info-judge",
+             str(info)], [str(out)])
+    out.write_text("{}")
+    sweep_steps.record_done(step)
+    assert sweep_steps.stale(step) is None and sweep_steps.done(step)
+    truth.write_text("t2")  # a retrained truth judge
+    why = sweep_steps.stale(step)
+    assert why.startswith(sweep_steps.JUDGES_CHANGED) and "truth" in why and "info" not in why
+    sweep_steps.record_done(step)
+    assert sweep_steps.done(step)
+    edit.write_text("edit, refit")
+    assert "edits/e.safetensors was remade" in sweep_steps.stale(step)
+    none = (step[0][:5] + ["--judges", "none"], step[1])
+    assert sweep_steps.judges_of(none[0]) == {}
+
+
 def test_a_stage_in_its_own_process_dies_with_the_sweep(tmp_path):
     """--subprocess: a stage must not run on alone when the sweep is killed, even by kill -9 (PDEATHSIG)."""
     import signal
