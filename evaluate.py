@@ -69,9 +69,12 @@ add_text_args(parser)
 
 # ---- Judging (Truth, Info)
 
-def judge_id(spec):
-    """Which judge: its spec, and for a judge file its content's hash too (a retrained judge judges again)."""
-    return f"{spec}#{judge.checksum(spec)[:16]}" if os.path.isfile(spec) else spec
+def judge_id(spec, sha256=None):
+    """Which judge: its spec, and for a judge file its content's hash too (a retrained judge judges again). sha256:
+    the hash of the judge as loaded (what scored the rows, even if the file has been replaced since)."""
+    if sha256 is None and os.path.isfile(spec):
+        sha256 = judge.checksum(spec)
+    return f"{spec}#{sha256[:16]}" if sha256 else spec
 
 
 def load_judges(args):
@@ -85,7 +88,8 @@ def judge_rows(targets, judges, chunk=256):
     judged once, whichever edits gave it, by both judges together (judge.score_together: the fine-tuned judges share
     their base model's frozen pass), a question's answers side by side; rows rewritten after each chunk (a killed run
     resumes)."""
-    abouts = {kind: dict(scorer.about, id=judge_id(scorer.about["judge"])) for kind, scorer in judges.items()}
+    abouts = {kind: dict(scorer.about, id=judge_id(scorer.about["judge"], scorer.about.get("sha256")))
+              for kind, scorer in judges.items()}
     rows_of = {}  # (question, answer) -> [(target, row)] that some judge has still to judge
     for t in targets:
         for r in t.rows.values():

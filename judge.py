@@ -277,10 +277,12 @@ class FineTunedJudge:
     """A judge trained by train_judge.py (see the module docstring): base LM + LoRA adapters of its top layers."""
 
     def __init__(self, path, kind, device="cpu", batch_size=32):
-        from safetensors import safe_open
-        try:
-            with safe_open(path, "pt") as f:
-                meta, tensors = json.loads(f.metadata()["judge"]), {k: f.get_tensor(k) for k in f.keys()}
+        from safetensors.torch import load as load_tensors
+        try:  # the bytes are read once: the checksum recorded with every score is that of the adapters loaded
+            with open(path, "rb") as f:
+                raw = f.read()
+            header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+            meta, tensors = json.loads(header["__metadata__"]["judge"]), load_tensors(raw)
             meta["frozen_layers"]
         except Exception as e:  # not safetensors, or not written by train_judge.py
             raise SystemExit(f"cannot load the {kind} judge {path!r}: not a judge file written by train_judge.py "
@@ -299,7 +301,8 @@ class FineTunedJudge:
                              modules.items()}
                          for l, modules in read_adapters(tensors, lora_scale(meta["rank"], meta["alpha"])).items()}
         self.yes_no = yes_no_ids(self.tokenizer, kind)
-        self.about = {"judge": path, "kind": kind, "type": "fine-tuned LM judge (train_judge.py)",
+        self.about = {"judge": path, "sha256": hashlib.sha256(raw).hexdigest(), "kind": kind,
+                      "type": "fine-tuned LM judge (train_judge.py)",
                       **{k: meta[k] for k in ("accuracy_A", "accuracy_B", "hedges", "training_data", "method",
                                               "command")}}
         if "hand_labels" in meta:  # the agreement per group (judge_checks.py); results carry no per-pair P(yes)
