@@ -285,6 +285,8 @@ def main(argv=None):
                          f"{int(1 / args.holdout) - 1} (fold F holds out the shares [F*holdout, (F+1)*holdout))")
     if not (args.epochs > 0 and args.lr > 0 and args.train_pairs >= 0 and args.test_pairs >= 0):
         raise SystemExit("--epochs and --lr must be positive, --train-pairs and --test-pairs 0 (all) or more")
+    remeasured = {kind: read_judge(os.path.join(args.out, f"{kind}.safetensors"), kind, args)
+                  for kind in args.kinds} if args.measure_only else {}  # checked before anything long
     run = run_info(args)
     if argv is not None:  # called from Python (a test): record the command a user would type
         run["command"] = "python train_judge.py " + shlex.join(argv)
@@ -322,7 +324,7 @@ def main(argv=None):
         data["curve_rows"] = np.sort(np.random.default_rng(args.seed).permutation(held_out)[:CURVE_PAIRS])
         curve, out = [], os.path.join(args.out, f"{kind}.safetensors")
         if args.measure_only:  # the judge file's adapters, measured again (e.g. after a change to the scorer)
-            adapters, shipped = read_judge(out, kind, args)
+            adapters, shipped = remeasured[kind]
         else:
             adapters = train(model, tokenizer, kind, data, frozen, args, log=lambda s: print(s, flush=True),
                              curve=curve)
