@@ -241,6 +241,9 @@ def cross_validation(folders):
         lines.append(f"{kind} judge: fold, (A) accuracy / balanced, (B) accuracy / balanced")
         for folder in folders:
             path = os.path.join(folder, f"{kind}.safetensors")
+            if not os.path.isfile(path):
+                raise SystemExit(f"--cv: {path} is missing; train that fold first: python train_judge.py --fold F "
+                                 f"--out {folder} --cache runs/judge_cache")
             try:
                 with safe_open(path, "pt") as f:
                     meta = json.loads(f.metadata()["judge"])
