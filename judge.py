@@ -321,7 +321,7 @@ class FineTunedJudge:
 
 def score_together(judges, questions, answers):
     """{kind: list of P(yes)} of several judges on the same pairs: fine-tuned judges on one base model share its
-    frozen pass (judge_frozen.score_all: about twice as fast as scoring them apart); any other judge scores alone."""
+    frozen pass (judge_frozen.score_all: about 1.6x scoring them apart, bench row 10); any other judge scores alone."""
     import judge_frozen
     tuned = {kind: j for kind, j in judges.items() if isinstance(j, FineTunedJudge)}
     out = {kind: j.score(questions, answers) for kind, j in judges.items() if kind not in tuned}

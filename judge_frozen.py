@@ -7,7 +7,7 @@ and measures on it; evaluate.py scores the truth and info judges together with i
   cached_frozen_pass  the same through a cache on disk holding the states pair by pair: a run whose pairs it holds
                       (another fold, a subsample) reads them; the pairs it lacks are run and added (--cache)
   top_log_p, cached_log_p  log P(yes), log P(no) from the frozen states through the adapted top layers
-  score_all           P(yes) of several judges on the same pairs, the frozen pass shared (about 1.7x two judges
+  score_all           P(yes) of several judges on the same pairs, the frozen pass shared (about 1.6x two judges
                       scored apart: bench.py)
 """
 import hashlib
