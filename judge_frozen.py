@@ -47,8 +47,8 @@ def frozen_pass(model, tokenizer, kinds, questions, answers, frozen, batch_size=
                 branch = [torch.where(torch.arange(la)[None, :] < lengths[:, None], 0, -1)]
                 branch += [torch.full((b, len(s)), k + 1) for k, s in enumerate(suffixes)]
                 ids = torch.cat([ids] + [s.expand(b, -1) for s in suffixes], 1)
-                h = answer_forward(model, model.model.embed_tokens(ids.to(model.device)), None, [kv] * b, range(frozen), {},
-                                   torch.cat(positions, 1), torch.cat(branch, 1))
+                h = answer_forward(model, model.model.embed_tokens(ids.to(model.device)), None, [kv] * b,
+                                   range(frozen), {}, torch.cat(positions, 1), torch.cat(branch, 1))
                 offset = la
                 for kind, s in zip(kinds, suffixes):
                     for r, (row, length) in enumerate(zip(chunk, lengths.tolist())):
@@ -66,7 +66,8 @@ def cached_frozen_pass(model, tokenizer, kinds, questions, answers, frozen, cach
         return frozen_pass(model, tokenizer, kinds, questions, answers, frozen)
     key = hashlib.sha256(json.dumps([model_name, frozen, sorted(kinds), judge_prefix("Q")]).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"frozen_pairs_{key}.pt")
-    cached = torch.load(path) if os.path.isfile(path) else {"pairs": [], "prefix_kv": {}, "hidden": {k: [] for k in kinds}}
+    empty = {"pairs": [], "prefix_kv": {}, "hidden": {k: [] for k in kinds}}
+    cached = torch.load(path) if os.path.isfile(path) else empty
     index = {pair: i for i, pair in enumerate(cached["pairs"])}
     missing = sorted({pair for pair in zip(questions, answers) if pair not in index})
     if missing:

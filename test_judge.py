@@ -272,7 +272,8 @@ def test_the_frozen_cache_runs_only_the_pairs_it_lacks(tmp_path, tiny, monkeypat
     qa = [(f"What is thing {i}?", a) for i in range(4) for a in ("It is blue.", "No.")]
     ran = []
     real = judge_frozen.frozen_pass
-    monkeypatch.setattr(judge_frozen, "frozen_pass", lambda m, t, k, q, a, f: ran.append(len(q)) or real(m, t, k, q, a, f))
+    monkeypatch.setattr(judge_frozen, "frozen_pass",
+                        lambda m, t, k, q, a, f: ran.append(len(q)) or real(m, t, k, q, a, f))
     first = [qa[i] for i in (0, 1, 2, 5)]
     judge_frozen.cached_frozen_pass(model, tok, ["truth", "info"], [q for q, _ in first], [a for _, a in first], 1,
                                     str(tmp_path), "tiny-llama")

@@ -39,8 +39,8 @@ import torch
 from judge import (ADAPTED, SUFFIXES, answer_forward, check_supported, checksum, log_p_yes_no, lora_scale, pad,
                    read_adapters, yes_no_ids)
 from judge_frozen import cached_frozen_pass, cached_log_p, score_all, top_log_p
-from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, measure, normalise, read_labelled, shown_references, split_of,
-                          subsample)
+from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, measure, normalise, read_labelled, shown_references,
+                          split_of, subsample)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CURVE_PAIRS = 300  # held-out pairs whose loss is logged at each quarter of training (about 8 s each time)
@@ -62,8 +62,9 @@ def parse_args(argv=None):
                       help="judges to train")
     data.add_argument("--holdout", type=float, default=0.15, help="share of questions held out (B), and of the other "
                       "questions' answer groups (A)")
-    data.add_argument("--fold", type=int, default=0, help="which held-out share (cross-validation): fold F holds out the "
-                      "hash shares [F*holdout, (F+1)*holdout), disjoint from the other folds; 0 = the shipped judges'")
+    data.add_argument("--fold", type=int, default=0, help="which held-out share (cross-validation): fold F holds out "
+                      "the hash shares [F*holdout, (F+1)*holdout), disjoint from the other folds; 0 = the shipped "
+                      "judges'")
     data.add_argument("--nonanswers-per-question", type=int, default=2, help="templated non-answers added per question")
     data.add_argument("--train-pairs", type=int, default=0, help="train on at most this many judge-set pairs, "
                       "at random (0 = all; a busy CPU)")
