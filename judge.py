@@ -64,6 +64,16 @@ def checksum(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def read_judge_file(path):
+    """(metadata, tensors, sha256) of a judge file written by train_judge.py, its bytes read once: the checksum is
+    that of the adapters returned, even if the file is replaced meanwhile."""
+    from safetensors.torch import load
+    with open(path, "rb") as f:
+        raw = f.read()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return json.loads(header["__metadata__"]["judge"]), load(raw), hashlib.sha256(raw).hexdigest()
+
+
 # ---- The text the judge reads: the question and its references (the prefix), then the answer
 
 @functools.lru_cache(maxsize=1)
@@ -182,13 +192,6 @@ def encode_prefixes(model, prefix_ids, layers):
     return out
 
 
-def answer_mask(prefix_lengths, answer_lengths):
-    """[b, 1, L, P + L]: each answer token sees its own prefix's tokens and the answer's tokens up to itself."""
-    n = int(answer_lengths.max())
-    positions = torch.arange(n, device=prefix_lengths.device).expand(len(prefix_lengths), -1)
-    return branch_mask(prefix_lengths, positions, torch.zeros_like(positions))
-
-
 def branch_mask(prefix_lengths, positions, branch):
     """[b, 1, L, P + L] for tokens after a prefix at `positions` [b, L] (counted from the prefix's end) on
     `branch` [b, L] (0: shared, k > 0: only seen from branch k, -1: padding): token i sees its prefix and each
@@ -236,20 +239,6 @@ def log_p_yes_no(model, h, answer_lengths, yes_no):
     return logits.log_softmax(-1)[:, list(yes_no)]
 
 
-def plain_log_p_yes_no(model, prefix_ids, answer_ids_, adapters, yes_no):
-    """The plain definition, one pair at a time: prefix and answer as one sequence through every layer, the adapters
-    gated to the answer's positions; no cache, no padding. -> [2] log P(yes), log P(no)"""
-    ids = torch.tensor(prefix_ids + answer_ids_)[None]
-    n, theta = ids.shape[1], rope_theta(model)
-    gate = (torch.arange(n) >= len(prefix_ids)).float()[None, :, None]
-    h = model.model.embed_tokens(ids)
-    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-    for l, layer in enumerate(model.model.layers):
-        h, _ = layer_forward(layer, h, torch.arange(n)[None], None, mask, adapters.get(l, {}), theta,
-                             gate.to(h.dtype))
-    return log_p_yes_no(model, h, torch.tensor([n]), yes_no)[0]
-
-
 # ---- The fine-tuned judge
 
 def lora_scale(rank, alpha):
@@ -276,13 +265,9 @@ def base_model(name, device, dtype):
 class FineTunedJudge:
     """A judge trained by train_judge.py (see the module docstring): base LM + LoRA adapters of its top layers."""
 
-    def __init__(self, path, kind, device="cpu", batch_size=32):
-        from safetensors.torch import load as load_tensors
-        try:  # the bytes are read once: the checksum recorded with every score is that of the adapters loaded
-            with open(path, "rb") as f:
-                raw = f.read()
-            header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-            meta, tensors = json.loads(header["__metadata__"]["judge"]), load_tensors(raw)
+    def __init__(self, path, kind, device="cpu"):
+        try:  # the checksum recorded with every score is that of the adapters loaded (read_judge_file)
+            meta, tensors, sha256 = read_judge_file(path)
             meta["frozen_layers"]
         except Exception as e:  # not safetensors, or not written by train_judge.py
             raise SystemExit(f"cannot load the {kind} judge {path!r}: not a judge file written by train_judge.py "
@@ -294,14 +279,14 @@ class FineTunedJudge:
         if broken:
             raise SystemExit(f"cannot load the {kind} judge {path!r}: {broken[0]} holds NaN or inf values (a damaged "
                              "file): retrain it with python train_judge.py, or restore the shipped judges/ from git")
-        self.kind, self.batch_size, self.meta = kind, batch_size, meta
+        self.kind, self.meta = kind, meta
         self.model, self.tokenizer = base_model(meta["base_model"], device, "float32")
         check_supported(self.model)
         self.adapters = {l: {m: (a.to(self.model.device), b.to(self.model.device), scale) for m, (a, b, scale) in
                              modules.items()}
                          for l, modules in read_adapters(tensors, lora_scale(meta["rank"], meta["alpha"])).items()}
         self.yes_no = yes_no_ids(self.tokenizer, kind)
-        self.about = {"judge": path, "sha256": hashlib.sha256(raw).hexdigest(), "kind": kind,
+        self.about = {"judge": path, "sha256": sha256, "kind": kind,
                       "type": "fine-tuned LM judge (train_judge.py)",
                       **{k: meta[k] for k in ("accuracy_A", "accuracy_B", "hedges", "training_data", "method",
                                               "command")}}
@@ -329,9 +314,8 @@ def score_together(judges, questions, answers):
         first = next(iter(tuned.values()))
         if all(j.model is first.model and j.meta["frozen_layers"] == first.meta["frozen_layers"] for j in
                tuned.values()):
-            with torch.no_grad():
-                probs = judge_frozen.score_all(first.model, first.tokenizer, {k: j.adapters for k, j in tuned.items()},
-                                               first.meta["frozen_layers"], questions, answers)
+            probs = judge_frozen.score_all(first.model, first.tokenizer, {k: j.adapters for k, j in tuned.items()},
+                                           first.meta["frozen_layers"], questions, answers)
             out.update({kind: [float(p) for p in probs[kind]] for kind in tuned})
         else:
             out.update({kind: j.score(questions, answers) for kind, j in tuned.items()})

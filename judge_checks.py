@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-from judge import DEFAULT_JUDGES, THRESHOLD
+from judge import DEFAULT_JUDGES, THRESHOLD, read_judge_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEDGES = os.path.join(HERE, "data", "judge_hedges.jsonl")  # the hedge TEST set (never trained on)
@@ -205,11 +205,9 @@ def measure(kind, score, p_true, p_judged, split, new_text, hedges, hand_labels)
 
 def record(path, key, value):
     """Write metadata[key] = value into a judge file written by train_judge.py (the adapters unchanged)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from runfiles import write_atomic
-    with safe_open(path, "pt") as f:
-        meta, tensors = json.loads(f.metadata()["judge"]), {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors, _ = read_judge_file(path)
     meta[key] = value
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(meta)}))
 
@@ -235,7 +233,6 @@ def table(kind, spec, hand, hedges, recorded):
 def cross_validation(folders):
     """The held-out accuracies recorded by the judges of each fold (train_judge.py --fold F --out FOLDER), with their
     mean and standard deviation over the folds. -> printed lines"""
-    from safetensors import safe_open
     lines, cells = [], {}
     for kind in ("truth", "info"):
         lines.append(f"{kind} judge: fold, (A) accuracy / balanced, (B) accuracy / balanced")
@@ -245,8 +242,7 @@ def cross_validation(folders):
                 raise SystemExit(f"--cv: {path} is missing; train that fold first: python train_judge.py --fold F "
                                  f"--out {folder} --cache runs/judge_cache")
             try:
-                with safe_open(path, "pt") as f:
-                    meta = json.loads(f.metadata()["judge"])
+                meta = read_judge_file(path)[0]
                 row = [meta[f"accuracy_{s}"][m] for s in "AB" for m in ("accuracy", "balanced_accuracy")]
             except (OSError, KeyError, TypeError, ValueError) as e:
                 raise SystemExit(f"--cv: {path} is not a judge file written by train_judge.py ({e})") from None

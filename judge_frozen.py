@@ -8,7 +8,8 @@ and measures on it; evaluate.py scores the truth and info judges together with i
                       (another fold, a subsample) reads them; the pairs it lacks are run and added (--cache)
   top_log_p, cached_log_p  log P(yes), log P(no) from the frozen states through the adapted top layers
   score_all           P(yes) of several judges on the same pairs, the frozen pass shared (about 1.6x two judges
-                      scored apart: bench.py)
+                      scored apart: bench.py), beside its plain definition plain_log_p_yes_no (one pair, one
+                      sequence through every layer, no cache, no padding)
 """
 import hashlib
 import json
@@ -17,7 +18,8 @@ import time
 
 import torch
 
-from judge import answer_forward, answer_ids, encode_prefixes, judge_prefix, log_p_yes_no, pad, suffix_ids, yes_no_ids
+from judge import (answer_forward, answer_ids, encode_prefixes, judge_prefix, layer_forward, log_p_yes_no, pad,
+                   rope_theta, suffix_ids, yes_no_ids)
 
 
 @torch.no_grad()
@@ -109,6 +111,20 @@ def cached_log_p(model, data, rows, frozen, adapters, yes_no, batch_size=64):
             out[chunk] = top_log_p(model, data["hidden"], data["lengths"], data["prefix_kv"], data["questions"],
                                    [rows[k] for k in chunk], frozen, adapters, yes_no).float().cpu()
     return out
+
+
+def plain_log_p_yes_no(model, prefix_ids, answer_ids_, adapters, yes_no):
+    """The plain definition, one pair at a time: prefix and answer as one sequence through every layer, the adapters
+    gated to the answer's positions; no cache, no padding. -> [2] log P(yes), log P(no)"""
+    ids = torch.tensor(prefix_ids + answer_ids_)[None]
+    n, theta = ids.shape[1], rope_theta(model)
+    gate = (torch.arange(n) >= len(prefix_ids)).float()[None, :, None]
+    h = model.model.embed_tokens(ids)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    for l, layer in enumerate(model.model.layers):
+        h, _ = layer_forward(layer, h, torch.arange(n)[None], None, mask, adapters.get(l, {}), theta,
+                             gate.to(h.dtype))
+    return log_p_yes_no(model, h, torch.tensor([n]), yes_no)[0]
 
 
 def score_all(model, tokenizer, adapters, frozen, questions, answers):

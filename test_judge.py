@@ -193,9 +193,10 @@ def test_fast_pass_with_adapters_is_the_plain_definition(tiny):
         ids, lengths = judge.pad([prompt_parts(tok, q, a)[1] for q, a in QA])
         h = judge.answer_forward(model, model.model.embed_tokens(ids), lengths, kv, range(3), adapters)
         fast = judge.log_p_yes_no(model, h, lengths, yes_no)
-        plain = torch.stack([judge.plain_log_p_yes_no(model, *prompt_parts(tok, q, a), adapters, yes_no)
+        plain = torch.stack([judge_frozen.plain_log_p_yes_no(model, *prompt_parts(tok, q, a), adapters, yes_no)
                              for q, a in QA])
-        unadapted = torch.stack([judge.plain_log_p_yes_no(model, *prompt_parts(tok, q, a), {}, yes_no) for q, a in QA])
+        unadapted = torch.stack([judge_frozen.plain_log_p_yes_no(model, *prompt_parts(tok, q, a), {}, yes_no)
+                                 for q, a in QA])
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     assert (fast - unadapted).abs().max() > 1e-3  # the adapters did something
 
@@ -211,19 +212,20 @@ def test_judges_scored_together_are_each_judge_alone_and_the_plain_definition(ti
         alone = judge_frozen.score_all(model, tok, {kind: adapters[kind]}, 1, questions, answers)[kind]
         torch.testing.assert_close(together[kind], alone, rtol=5e-3, atol=1e-5)  # bf16 kernels of other shapes
         with torch.no_grad():
-            plain = torch.stack([judge.plain_log_p_yes_no(model, *prompt_parts(tok, q, a, kind), adapters[kind],
+            plain = torch.stack([judge_frozen.plain_log_p_yes_no(model, *prompt_parts(tok, q, a, kind), adapters[kind],
                                                           judge.yes_no_ids(tok, kind)) for q, a in QA])[:, 0].exp()
         torch.testing.assert_close(together[kind], plain, rtol=0.03, atol=1e-6)
     assert (together["truth"] / together["info"]).log().abs().max() > 0.05  # two different judges
 
 
-def test_lora_linear_and_answer_mask_by_hand():
+def test_lora_linear_and_branch_mask_by_hand():
     lin = torch.nn.Linear(3, 2, bias=False)
     a, b, x = torch.randn(1, 3), torch.randn(2, 1), torch.randn(4, 3)
     with torch.no_grad():
         got = judge.linear(lin, x, (a, b, 2.0))
     torch.testing.assert_close(got, x @ lin.weight.T + 2.0 * (x @ a.T) @ b.T)
-    mask = judge.answer_mask(torch.tensor([2, 1]), torch.tensor([2, 2]))[:, 0]  # prefixes of 2 and 1 tokens
+    positions = torch.arange(2).expand(2, -1)  # two answers of 2 tokens after prefixes of 2 and 1 tokens
+    mask = judge.branch_mask(torch.tensor([2, 1]), positions, torch.zeros_like(positions))[:, 0]
     assert mask[0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert mask[1].int().tolist() == [[1, 0, 1, 0], [1, 0, 1, 1]]  # the padded prefix slot is never seen
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from judge import (ADAPTED, SUFFIXES, answer_forward, check_supported, checksum, log_p_yes_no, lora_scale, pad,
-                   read_adapters, yes_no_ids)
+                   read_adapters, read_judge_file, yes_no_ids)
 from judge_frozen import cached_frozen_pass, cached_log_p, score_all, top_log_p
 from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, measure, normalise, read_labelled, shown_references,
                           split_of, subsample)
@@ -234,17 +234,14 @@ def train(model, tokenizer, kind, data, frozen, args, log=print, curve=None):
 
 def read_judge(path, kind, args):
     """The adapters and metadata of a judge file, refused unless made with this run's model, layers and fold."""
-    from safetensors import safe_open
     if not os.path.isfile(path):
         raise SystemExit(f"--measure-only: {path} is missing; train it first (without --measure-only)")
-    with safe_open(path, "pt") as f:
-        about, tensors = json.loads(f.metadata()["judge"]), {k: f.get_tensor(k) for k in f.keys()}
+    about, tensors, _ = read_judge_file(path)
     made = (about["base_model"], about["frozen_layers"], about.get("fold", 0), about.get("holdout", 0.15))
     if made != (args.model, args.frozen_layers, args.fold, args.holdout):
         raise SystemExit(f"--measure-only: {path} was made with --model {made[0]} --frozen-layers {made[1]} --fold "
                          f"{made[2]} --holdout {made[3]}: pass the same to measure it on its own held-out fold")
-    adapters = read_adapters(tensors, lora_scale(about["rank"], about["alpha"]))
-    return {l: {m: (a, b, scale) for m, (a, b, scale) in modules.items()} for l, modules in adapters.items()}, about
+    return read_adapters(tensors, lora_scale(about["rank"], about["alpha"])), about
 
 
 def save_judge(path, kind, adapters, about):
