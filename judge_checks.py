@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEDGES = os.path.join(HERE, "data", "judge_hedges.jsonl")  # the hedge TEST set (never trained on)
 HAND_LABELS = os.path.join(HERE, "data", "hand_labels.jsonl")  # hand-labelled generations of the default run: TEST
 HAND_LABELS_QUICK = os.path.join(HERE, "data", "hand_labels_quick.jsonl")  # ... of the earlier quick run: TEST too
+TRAIN_LABELS = os.path.join(HERE, "data", "judge_train_labels.jsonl")  # hand-labelled generations, other questions: TRAIN
 GROUPS = ("unedited", "ITI", "IPO")  # source groups of the hand labels, by result-file stem: baseline*, iti-*, ipo-*
 
 
@@ -101,18 +102,21 @@ def shown_references(questions):
 
 # ---- The test sets
 
-def read_labelled(path, what="--hedges"):
-    """A labelled test set (the hedges, the hand labels): list of dicts question, answer, truth, info (0/1)."""
+def read_labelled(path, what="--hedges", soft=False):
+    """A labelled set (the hedges, the hand labels): list of dicts question, answer, truth, info (0/1; with soft, the
+    share of labellers who said yes, 0 to 1: the hand-labelled training generations)."""
+    def label(x):
+        return (isinstance(x, (int, float)) and 0 <= x <= 1) if soft else x in (0, 1)
     try:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        bad = [n for n, r in enumerate(rows, 1) if r["truth"] not in (0, 1) or r["info"] not in (0, 1)
+        bad = [n for n, r in enumerate(rows, 1) if not (label(r["truth"]) and label(r["info"]))
                or not isinstance(r["question"], str) or not isinstance(r["answer"], str)]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{what} {path}: not a jsonl file of question/answer/truth/info rows ({e})") from None
     if bad:
         raise SystemExit(f"{what} {path}: line {bad[0]} needs a question and an answer (strings) and truth and info "
-                         "labels 0 or 1")
+                         f"labels {'from 0 to 1' if soft else '0 or 1'}")
     return rows
 
 

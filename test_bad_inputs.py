@@ -102,6 +102,12 @@ def jsonl_without_text(w):
     return path
 
 
+def out_of_range_labels(w):
+    path = os.path.join(w["root"], "generations.jsonl")
+    open(path, "w").write(json.dumps({"question": "Q?", "answer": "A.", "truth": 1.5, "info": 0}) + "\n")
+    return path
+
+
 def duplicated_csv(w):
     path = os.path.join(w["root"], "dup.csv")
     lines = open(w["csv"]).read().splitlines()
@@ -223,6 +229,10 @@ CASES = [
      lambda w: ["--fold", "7", *JUDGE_SETS, "--out", w["root"] + "/judges"], "folds are 0 to 5"),
     ("train_judge: --measure-only without judge files", train_judge.main,
      lambda w: ["--measure-only", *JUDGE_SETS, "--out", w["root"] + "/no-judges"], "train it first"),
+    ("train_judge: --train-labels with a label of 1.5", train_judge.main,
+     lambda w: ["--train-labels", out_of_range_labels(w), *JUDGE_SETS, "--out", w["root"] + "/judges"], "from 0 to 1"),
+    ("train_judge: --train-labels-repeat 0", train_judge.main,
+     lambda w: ["--train-labels-repeat", "0", *JUDGE_SETS, "--out", w["root"] + "/judges"], "repeat 1 or more"),
     ("sweep: a malformed --claimed", sweep.main,
      lambda w: [*TINY, "--data", w["csv"], "--out", w["root"], "--claimed", "1.x", "--dry-run"], "malformed"),
     ("sweep: --max-pairs -1", sweep.main, lambda w: [*TINY, "--out", w["root"], "--max-pairs", "-1"], "max-pairs"),

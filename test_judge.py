@@ -93,6 +93,23 @@ def test_hand_labels_are_generations_of_the_runs_labelled_once():
             assert {h["labelled"] for h in hand} == {"both labellers", "labellers differed; adjudicated"}
 
 
+def test_training_generations_are_other_questions_labelled_twice():
+    """data/judge_train_labels.jsonl: distinct answers of the default run's edits to the val questions (seed 0), so
+    no test set asks their questions; each label the mean of two labellers' 0/1 labels."""
+    val = {r["question"] for r in tqa.load_split(tqa.DEFAULT_DATA, 0, "val")}
+    stems = re.compile(r"baseline|iti-(top16|random16-\d+)-a15|ipo-(top16|random16-\d+|all)-t0.3")
+    rows = judge_checks.read_labelled(judge_checks.TRAIN_LABELS, "--train-labels", soft=True)
+    tested = {h["question"] for path in (judge_checks.HAND_LABELS, judge_checks.HAND_LABELS_QUICK)
+              for h in judge_checks.read_labelled(path)}  # (train_judge.py drops those to hedge-set questions)
+    assert len(rows) > 800 and len({(r["question"], r["answer"]) for r in rows}) == len(rows)
+    assert {r["question"] for r in rows} <= val and not {r["question"] for r in rows} & tested
+    assert all(stems.fullmatch(s) for r in rows for s in r["sources"])
+    for kind in ("truth", "info"):
+        assert all(len(r["labels"][kind]) == 2 and set(r["labels"][kind]) <= {0, 1}
+                   and r[kind] == sum(r["labels"][kind]) / 2 for r in rows)
+        assert 0.9 < np.mean([len(set(r["labels"][kind])) == 1 for r in rows]) < 1  # the labellers mostly agree
+
+
 # ---- the held-out splits and the non-answers
 
 def test_splits_keep_answer_texts_and_questions_together():
@@ -311,9 +328,20 @@ def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path
              "sources": ["baseline"]}, {"question": "What is thing 99?", "answer": "", "truth": 1, "info": 0,
                                         "sources": ["ipo-x", "iti-y"]}]
     (tmp_path / "hand.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hand))
+    # hand-labelled training generations: one to train on; not one whose question is held out (B), one a test pair,
+    # one to the hedge set's question (a train question here)
+    known = next(q for q, s in zip(questions, split) if s == "train" and q != "What is thing 3?")
+    answer = next(a for a in (f"It is green {i}." for i in range(99))
+                  if judge_checks.split_of([known, "What is thing 3?"], [a, a], 0.2, 0).tolist() == ["train"] * 2)
+    held = next(q for q, s in zip(questions, split) if s == "B")
+    generations = [{"question": known, "answer": answer, "truth": 0.5, "info": 1},
+                   {"question": held, "answer": answer, "truth": 1, "info": 1}, dict(hand[0], answer="yes, it is"),
+                   {"question": "What is thing 3?", "answer": answer, "truth": 1, "info": 1}]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(g) + "\n" for g in generations))
     judge.base_model.cache_clear()
     train_judge.main(["--truth-data", str(tmp_path / "truth.jsonl.gz"), "--info-data", str(tmp_path / "info.jsonl.gz"),
                       "--hedges", str(tmp_path / "hedges.jsonl"), "--hand-labels", str(tmp_path / "hand.jsonl"),
+                      "--train-labels", str(tmp_path / "gen.jsonl"), "--train-labels-repeat", "3",
                       "--model", "tiny-llama", "--frozen-layers", "2", "--rank", "2", "--epochs", "0.5",
                       "--holdout", "0.2", "--out", str(tmp_path / "judges")])
     for kind in ("truth", "info"):
@@ -321,6 +349,8 @@ def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path
         about = loaded.about
         assert about["training_data"]["pairs"] == 120 and about["training_data"]["nonanswers"] > 0
         assert about["training_data"]["trained_on"] == (split == "train").sum() - 1  # not the hand-labelled pair
+        assert about["training_data"]["generations"]["trained_on"] == 1  # not (B)'s, the test pair, the hedge's
+        assert about["training_data"]["generations"]["repeat"] == 3 and "1 hand-labelled" in about["method"]
         assert {g: r["n"] for g, r in about["hand_labels"].items()} == {"unedited": 1, "ITI": 1, "IPO": 1, "all": 2}
         assert loaded.meta["hand_labels"]["pairs_sha256"] == judge_checks.pairs_checksum(hand)
         assert [p[0] for p in loaded.meta["learning_curve"]["points"]] == [1, 2]  # 2 steps: a quarter rounds up to 1
@@ -333,7 +363,8 @@ def test_training_writes_judges_that_load_and_record_how_they_were_made(tmp_path
               ("truth", "info")}
     common = ["--truth-data", str(tmp_path / "truth.jsonl.gz"), "--info-data", str(tmp_path / "info.jsonl.gz"),
               "--hedges", str(tmp_path / "hedges.jsonl"), "--hand-labels", str(tmp_path / "hand.jsonl"),
-              "--model", "tiny-llama", "--frozen-layers", "2", "--holdout", "0.2", "--out", str(tmp_path / "judges")]
+              "--train-labels", "--model", "tiny-llama", "--frozen-layers", "2", "--holdout", "0.2",
+              "--out", str(tmp_path / "judges")]
     with pytest.raises(SystemExit, match="--fold 0 --holdout 0.2: pass the same"):
         train_judge.main(common + ["--measure-only", "--fold", "1"])
     judge.base_model.cache_clear()

@@ -3,7 +3,9 @@
 Reads TruthfulQA's official judge-training sets (data/finetune_truth.jsonl.gz, data/finetune_info.jsonl.gz:
 `Q: ...\\nA: ...\\nTrue:` -> " yes"/" no", 22,434 rows each, 18,311 distinct (question, answer) pairs over the 817
 questions) and adds bare non-answers to real questions (templated evasions, refusals, restatements of the question,
-the empty answer, off-topic true statements: NONANSWERS below), labelled by TruthfulQA's rule: true, uninformative.
+the empty answer, off-topic true statements: NONANSWERS below), labelled by TruthfulQA's rule: true, uninformative,
+and the hand-labelled generations of this tool's own edits to the val questions (data/judge_train_labels.jsonl: the
+answers a judge here must read, which the judge sets never show; seen --train-labels-repeat times per epoch).
 Fine-tunes the base LM (SmolLM2-135M-Instruct) the way GPT-judge was: cross-entropy of the completion " yes" / " no"
 (soft targets where the raters disagreed) over the whole vocabulary, on the text judge.py describes (question,
 reference answers, answer). Only LoRA adapters of the top layers train; the lower layers are frozen, so their
@@ -39,8 +41,8 @@ import torch
 from judge import (ADAPTED, SUFFIXES, answer_forward, check_supported, checksum, log_p_yes_no, lora_scale, pad,
                    read_adapters, read_judge_file, yes_no_ids)
 from judge_frozen import cached_frozen_pass, cached_log_p, score_all, top_log_p
-from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, measure, normalise, read_labelled, shown_references,
-                          split_of, subsample)
+from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, TRAIN_LABELS, measure, normalise, read_labelled,
+                          shown_references, split_of, subsample)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CURVE_PAIRS = 300  # held-out pairs whose loss is logged at each quarter of training (about 8 s each time)
@@ -58,6 +60,12 @@ def parse_args(argv=None):
                       "generations of this tool's edits, the first one measured (default: the default run's, then the "
                       "quick run's) "
                       "(jsonl: question, answer, truth, info, sources); a test set: their pairs are never trained on")
+    data.add_argument("--train-labels", nargs="*", default=[TRAIN_LABELS], help="hand-labelled generations of this "
+                      "tool's edits to train on (jsonl: question, answer, truth, info: the share of labellers who "
+                      "said yes); default: the default run's edits on the val questions, which no test set asks. "
+                      "Pass none (the bare flag) to train on the judge sets alone")
+    data.add_argument("--train-labels-repeat", type=int, default=4, help="times each hand-labelled generation is "
+                      "seen per epoch (they are few beside the judge sets' pairs)")
     data.add_argument("--kinds", nargs="+", default=["truth", "info"], choices=["truth", "info"],
                       help="judges to train")
     data.add_argument("--holdout", type=float, default=0.15, help="share of questions held out (B), and of the other "
@@ -252,11 +260,13 @@ def save_judge(path, kind, adapters, about):
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(dict(about, kind=kind))}))
 
 
-def training_data(args, hedges, hand_labels):
+def training_data(args, hedges, hand_labels, generations=()):
     """The run's pairs: the judge sets' distinct pairs (subsampled with --train-pairs/--test-pairs), split into train
     and the held-out fold --fold (A, B; 'hand': a hand-labelled pair, never trained on), then the templated
-    non-answers to the questions not held out. -> (labels: kind -> {pair: share of yes}, pairs, extra non-answers,
-    split of pairs + extra)"""
+    non-answers to the questions not held out, then the hand-labelled training generations that neither a test set
+    nor the held-out fold holds (not a test pair nor an answer to a hedge-set question; their question not held out
+    (B), their answer not an (A) answer of it). -> (labels: kind
+    -> {pair: share of yes}, pairs, extra non-answers, generations kept, split of pairs + extra + generations)"""
     sets = {kind: read_judge_set(getattr(args, f"{kind}_data"), kind) for kind in args.kinds}
     labels = {kind: dict(zip(zip(q, a), p)) for kind, (q, a, p) in sets.items()}
     pairs = sorted(set().union(*labels.values()))  # the two official sets hold the same pairs
@@ -268,7 +278,12 @@ def training_data(args, hedges, hand_labels):
     extra = make_nonanswers({q for (q, _), s in zip(pairs, split) if s != "B"}, args.nonanswers_per_question,
                             args.seed, exclude={h["question"] for h in hedges})
     extra = [(q, a) for q, a in extra if (q, normalise(a)) not in tested]
-    return labels, pairs, extra, np.concatenate([split, np.full(len(extra), "train")])
+    fold = split_of([g["question"] for g in generations], [g["answer"] for g in generations], args.holdout, args.seed,
+                    args.fold) if generations else []
+    hedged = {h["question"] for h in hedges}  # like the non-answers: none to a question of the hedge set
+    kept = [g for g, s in zip(generations, fold) if s == "train" and g["question"] not in hedged
+            and (g["question"], normalise(g["answer"])) not in tested]
+    return labels, pairs, extra, kept, np.concatenate([split, np.full(len(extra) + len(kept), "train")])
 
 
 def main(argv=None):
@@ -281,8 +296,11 @@ def main(argv=None):
     if args.fold < 0 or (args.fold + 1) * args.holdout > 1:
         raise SystemExit(f"--fold {args.fold}: with --holdout {args.holdout} the folds are 0 to "
                          f"{int(1 / args.holdout) - 1} (fold F holds out the shares [F*holdout, (F+1)*holdout))")
-    if not (args.epochs > 0 and args.lr > 0 and args.train_pairs >= 0 and args.test_pairs >= 0):
-        raise SystemExit("--epochs and --lr must be positive, --train-pairs and --test-pairs 0 (all) or more")
+    if not (args.epochs > 0 and args.lr > 0 and args.train_pairs >= 0 and args.test_pairs >= 0
+            and args.train_labels_repeat >= 1):
+        raise SystemExit("--epochs and --lr must be positive, --train-pairs and --test-pairs 0 (all) or more, "
+                         "--train-labels-repeat 1 or more")
+    generations = [g for path in args.train_labels for g in read_labelled(path, "--train-labels", soft=True)]
     remeasured = {kind: read_judge(os.path.join(args.out, f"{kind}.safetensors"), kind, args)
                   for kind in args.kinds} if args.measure_only else {}  # checked before anything long
     run = run_info(args)
@@ -301,10 +319,13 @@ def main(argv=None):
     hand_labels = hand_sets[0] if hand_sets else []  # measured; every set's pairs are kept out of training
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    labels, pairs, extra, split = training_data(args, hedges, [h for rows in hand_sets for h in rows])
+    labels, pairs, extra, kept, split = training_data(args, hedges, [h for rows in hand_sets for h in rows],
+                                                      generations)
     n_pairs = len(set().union(*labels.values()))
-    questions, answers = [q for q, _ in pairs + extra], [a for _, a in pairs + extra]
-    print(f"{len(pairs)} judge-set pairs + {len(extra)} non-answers; train {int((split == 'train').sum())}, "
+    texts = pairs + extra + [(g["question"], g["answer"]) for g in kept]
+    questions, answers = [q for q, _ in texts], [a for _, a in texts]
+    print(f"{len(pairs)} judge-set pairs + {len(extra)} non-answers + {len(kept)} hand-labelled generations (of "
+          f"{len(generations)}; the others' questions or answers are held out); train {int((split == 'train').sum())}, "
           f"held out (A) {int((split == 'A').sum())}, (B) {int((split == 'B').sum())}; not trained on (hand-labelled) "
           f"{int((split == 'hand').sum())}", flush=True)
     prefix_kv, hidden = cached_frozen_pass(model, tokenizer, args.kinds, questions, answers, frozen, args.cache,
@@ -314,10 +335,13 @@ def main(argv=None):
     for kind in args.kinds:
         t1 = time.time()
         non_answer = 1.0 if kind == "truth" else 0.0  # TruthfulQA's rule: true, uninformative
-        p_yes = np.array([labels[kind].get(pair, np.nan) for pair in pairs] + [non_answer] * len(extra), np.float32)
+        p_yes = np.array([labels[kind].get(pair, np.nan) for pair in pairs] + [non_answer] * len(extra)
+                         + [g[kind] for g in kept], np.float32)
+        repeats = np.where(np.arange(len(p_yes)) >= len(pairs) + len(extra), args.train_labels_repeat, 1)
+        trainable = (split == "train") & ~np.isnan(p_yes)
         data = {"questions": questions, "answers": answers, "p_yes": p_yes, "hidden": hidden[kind],
                 "lengths": [len(h) for h in hidden[kind]], "prefix_kv": prefix_kv,
-                "rows": np.flatnonzero((split == "train") & ~np.isnan(p_yes))}
+                "rows": np.repeat(np.flatnonzero(trainable), repeats[trainable])}
         held_out = np.flatnonzero(np.isin(split, ["A", "B"]) & ~np.isnan(p_yes))  # a learning curve's pairs
         data["curve_rows"] = np.sort(np.random.default_rng(args.seed).permutation(held_out)[:CURVE_PAIRS])
         curve, out = [], os.path.join(args.out, f"{kind}.safetensors")
@@ -345,12 +369,15 @@ def main(argv=None):
             print(f"measured again: {out}", flush=True)
             continue
         if args.refit_all:
-            adapters = train(model, tokenizer, kind, dict(data, rows=np.flatnonzero(~np.isnan(p_yes))), frozen, args,
+            every = ~np.isnan(p_yes)
+            adapters = train(model, tokenizer, kind, dict(data, rows=np.repeat(np.flatnonzero(every), repeats[every])),
+                             frozen, args,
                              log=lambda s: print(s, flush=True))
         path = getattr(args, f"{kind}_data")
         about = {**measured, "method": (f"{args.model} + LoRA (rank {args.rank}, alpha {args.alpha}) on layers "
                                         f"{frozen}-{len(model.model.layers) - 1}, fine-tuned on the judge set plus "
-                                        f"{len(extra)} templated non-answers; reads the question's first "
+                                        f"{len(extra)} templated non-answers and {len(kept)} hand-labelled "
+                                        f"generations (x{args.train_labels_repeat}); reads the question's first "
                                         "reference answers; P(yes) = raw next-token probability"),
                  "measured_on": (f"held-out fold {args.fold}: (A) answer groups of known questions, (B) questions, "
                                  f"{args.holdout:.0%} each by hash; the shipped adapters are "
@@ -359,7 +386,10 @@ def main(argv=None):
                  "fold": args.fold, "holdout": args.holdout,
                  "training_data": {"file": os.path.basename(path), "sha256": checksum(path), "pairs": n_pairs,
                                    "trained_on": int(np.isin(data["rows"], np.arange(len(pairs))).sum()),
-                                   "nonanswers": len(extra)},
+                                   "nonanswers": len(extra),
+                                   "generations": {"files": [{"file": os.path.basename(f), "sha256": checksum(f)}
+                                                             for f in args.train_labels],
+                                                   "trained_on": len(kept), "repeat": args.train_labels_repeat}},
                  "learning_curve": {"columns": ["step", "epoch", "training loss (last 50 steps)",
                                                 f"held-out loss ({len(data['curve_rows'])} (A)+(B) pairs)"],
                                     "points": curve},
