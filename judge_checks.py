@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEDGES = os.path.join(HERE, "data", "judge_hedges.jsonl")  # the hedge TEST set (never trained on)
 HAND_LABELS = os.path.join(HERE, "data", "hand_labels.jsonl")  # hand-labelled generations of the default run: TEST
 HAND_LABELS_QUICK = os.path.join(HERE, "data", "hand_labels_quick.jsonl")  # ... of the earlier quick run: TEST too
-TRAIN_LABELS = os.path.join(HERE, "data", "judge_train_labels.jsonl")  # hand-labelled generations, other questions: TRAIN
+TRAIN_LABELS = os.path.join(HERE, "data", "judge_train_labels.jsonl")  # labelled generations, other questions: TRAIN
 GROUPS = ("unedited", "ITI", "IPO")  # source groups of the hand labels, by result-file stem: baseline*, iti-*, ipo-*
 
 

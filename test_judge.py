@@ -94,15 +94,15 @@ def test_hand_labels_are_generations_of_the_runs_labelled_once():
 
 
 def test_training_generations_are_other_questions_labelled_twice():
-    """data/judge_train_labels.jsonl: distinct answers of the default run's edits to the val questions (seed 0), so
-    no test set asks their questions; each label the mean of two labellers' 0/1 labels."""
-    val = {r["question"] for r in tqa.load_split(tqa.DEFAULT_DATA, 0, "val")}
+    """data/judge_train_labels.jsonl: distinct answers of the default run's edits to the val and train questions
+    (seed 0), so no test set asks their questions; each label the mean of two labellers' 0/1 labels."""
+    split = {r["question"]: name for name in ("train", "val") for r in tqa.load_split(tqa.DEFAULT_DATA, 0, name)}
     stems = re.compile(r"baseline|iti-(top16|random16-\d+)-a15|ipo-(top16|random16-\d+|all)-t0.3")
     rows = judge_checks.read_labelled(judge_checks.TRAIN_LABELS, "--train-labels", soft=True)
     tested = {h["question"] for path in (judge_checks.HAND_LABELS, judge_checks.HAND_LABELS_QUICK)
               for h in judge_checks.read_labelled(path)}  # (train_judge.py drops those to hedge-set questions)
-    assert len(rows) > 800 and len({(r["question"], r["answer"]) for r in rows}) == len(rows)
-    assert {r["question"] for r in rows} <= val and not {r["question"] for r in rows} & tested
+    assert len(rows) > 3000 and len({(r["question"], r["answer"]) for r in rows}) == len(rows)
+    assert all(split.get(r["question"]) == r["split"] for r in rows) and not {r["question"] for r in rows} & tested
     assert all(stems.fullmatch(s) for r in rows for s in r["sources"])
     for kind in ("truth", "info"):
         assert all(len(r["labels"][kind]) == 2 and set(r["labels"][kind]) <= {0, 1}

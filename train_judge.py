@@ -4,8 +4,9 @@ Reads TruthfulQA's official judge-training sets (data/finetune_truth.jsonl.gz, d
 `Q: ...\\nA: ...\\nTrue:` -> " yes"/" no", 22,434 rows each, 18,311 distinct (question, answer) pairs over the 817
 questions) and adds bare non-answers to real questions (templated evasions, refusals, restatements of the question,
 the empty answer, off-topic true statements: NONANSWERS below), labelled by TruthfulQA's rule: true, uninformative,
-and the hand-labelled generations of this tool's own edits to the val questions (data/judge_train_labels.jsonl: the
-answers a judge here must read, which the judge sets never show; seen --train-labels-repeat times per epoch).
+and the hand-labelled generations of this tool's own edits to the val and train questions
+(data/judge_train_labels.jsonl: the answers a judge here must read, which the judge sets never show; seen
+--train-labels-repeat times per epoch).
 Fine-tunes the base LM (SmolLM2-135M-Instruct) the way GPT-judge was: cross-entropy of the completion " yes" / " no"
 (soft targets where the raters disagreed) over the whole vocabulary, on the text judge.py describes (question,
 reference answers, answer). Only LoRA adapters of the top layers train; the lower layers are frozen, so their
@@ -62,9 +63,9 @@ def parse_args(argv=None):
                       "(jsonl: question, answer, truth, info, sources); a test set: their pairs are never trained on")
     data.add_argument("--train-labels", nargs="*", default=[TRAIN_LABELS], help="hand-labelled generations of this "
                       "tool's edits to train on (jsonl: question, answer, truth, info: the share of labellers who "
-                      "said yes); default: the default run's edits on the val questions, which no test set asks. "
-                      "Pass none (the bare flag) to train on the judge sets alone")
-    data.add_argument("--train-labels-repeat", type=int, default=4, help="times each hand-labelled generation is "
+                      "said yes); default: the default run's edits on the val and train questions, which no test set "
+                      "asks. Pass none (the bare flag) to train on the judge sets alone")
+    data.add_argument("--train-labels-repeat", type=int, default=2, help="times each hand-labelled generation is "
                       "seen per epoch (they are few beside the judge sets' pairs)")
     data.add_argument("--kinds", nargs="+", default=["truth", "info"], choices=["truth", "info"],
                       help="judges to train")
