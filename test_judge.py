@@ -95,15 +95,21 @@ def test_hand_labels_are_generations_of_the_runs_labelled_once():
 
 def test_training_generations_are_other_questions_labelled_twice():
     """data/judge_train_labels.jsonl: distinct answers of the default run's edits to the val and train questions
-    (seed 0), so no test set asks their questions; each label the mean of two labellers' 0/1 labels."""
+    (seed 0), so no test set asks their questions; each label the mean of two labellers' 0/1 labels. The answers only
+    the claimed sets' edits gave are kept apart (judge_train_labels_claimed.jsonl): the judge must not have read the
+    edits on trial as claimed more than the random sets they are ranked against."""
+    claimed = {"iti-top16-a15", "ipo-top16-t0.3", "ipo-all-t0.3"}
+    apart = judge_checks.read_labelled(judge_checks.TRAIN_LABELS.replace(".jsonl", "_claimed.jsonl"), soft=True)
+    assert apart and all(set(r["sources"]) <= claimed for r in apart)
     split = {r["question"]: name for name in ("train", "val") for r in tqa.load_split(tqa.DEFAULT_DATA, 0, name)}
     stems = re.compile(r"baseline|iti-(top16|random16-\d+)-a15|ipo-(top16|random16-\d+|all)-t0.3")
     rows = judge_checks.read_labelled(judge_checks.TRAIN_LABELS, "--train-labels", soft=True)
     tested = {h["question"] for path in (judge_checks.HAND_LABELS, judge_checks.HAND_LABELS_QUICK)
               for h in judge_checks.read_labelled(path)}  # (train_judge.py drops those to hedge-set questions)
-    assert len(rows) > 3000 and len({(r["question"], r["answer"]) for r in rows}) == len(rows)
+    assert len(rows) > 2000 and len({(r["question"], r["answer"]) for r in rows}) == len(rows)
     assert all(split.get(r["question"]) == r["split"] for r in rows) and not {r["question"] for r in rows} & tested
     assert all(stems.fullmatch(s) for r in rows for s in r["sources"])
+    assert not any(set(r["sources"]) <= claimed for r in rows)
     for kind in ("truth", "info"):
         assert all(len(r["labels"][kind]) == 2 and set(r["labels"][kind]) <= {0, 1}
                    and r[kind] == sum(r["labels"][kind]) / 2 for r in rows)
