@@ -74,6 +74,13 @@ def read_judge_file(path):
     return json.loads(header["__metadata__"]["judge"]), load(raw), hashlib.sha256(raw).hexdigest()
 
 
+def write_judge_file(path, tensors, meta):
+    """Write a judge file (atomically): the adapter tensors (adapter_tensors) and its metadata under 'judge'."""
+    from safetensors.torch import save_file
+    from runfiles import write_atomic
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(meta)}))
+
+
 # ---- The text the judge reads: the question and its references (the prefix), then the answer
 
 @functools.lru_cache(maxsize=1)
@@ -252,6 +259,12 @@ def read_adapters(tensors, scale):
         _, layer, module, which = name.split(".")
         adapters.setdefault(int(layer), {}).setdefault(module, {})[which] = t.float()
     return {l: {m: (ab["A"], ab["B"], scale) for m, ab in modules.items()} for l, modules in adapters.items()}
+
+
+def adapter_tensors(adapters):
+    """layer -> module -> (A, B, scale) -> {'lora.{layer}.{module}.A': bf16 tensor, ...}: read_adapters' inverse."""
+    return {f"lora.{l}.{m}.{w}": t.detach().bfloat16().contiguous() for l, modules in adapters.items()
+            for m, (a, b, _) in modules.items() for w, t in (("A", a), ("B", b))}
 
 
 @functools.lru_cache(maxsize=2)

@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-from judge import DEFAULT_JUDGES, THRESHOLD, read_judge_file
+from judge import DEFAULT_JUDGES, THRESHOLD, read_judge_file, write_judge_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEDGES = os.path.join(HERE, "data", "judge_hedges.jsonl")  # the hedge TEST set (never trained on)
@@ -209,11 +209,8 @@ def measure(kind, score, p_true, p_judged, split, new_text, hedges, hand_labels)
 
 def record(path, key, value):
     """Write metadata[key] = value into a judge file written by train_judge.py (the adapters unchanged)."""
-    from safetensors.torch import save_file
-    from runfiles import write_atomic
     meta, tensors, _ = read_judge_file(path)
-    meta[key] = value
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(meta)}))
+    write_judge_file(path, tensors, dict(meta, **{key: value}))
 
 
 def table(kind, spec, hand, hedges, recorded):

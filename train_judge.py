@@ -28,7 +28,6 @@ all 18,311 pairs), a training step of 32 pairs about 1.5 s, measuring about 25 m
 """
 import argparse
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -39,8 +38,8 @@ import time
 import numpy as np
 import torch
 
-from judge import (ADAPTED, SUFFIXES, answer_forward, check_supported, checksum, log_p_yes_no, lora_scale, pad,
-                   read_adapters, read_judge_file, yes_no_ids)
+from judge import (ADAPTED, SUFFIXES, adapter_tensors, check_supported, checksum, lora_scale, read_adapters,
+                   read_judge_file, write_judge_file, yes_no_ids)
 from judge_frozen import cached_frozen_pass, cached_log_p, score_all, top_log_p
 from judge_checks import (HAND_LABELS, HAND_LABELS_QUICK, HEDGES, TRAIN_LABELS, measure, normalise, read_labelled,
                           shown_references, split_of, subsample)
@@ -59,8 +58,8 @@ def parse_args(argv=None):
     data.add_argument("--hedges", default=HEDGES, help="the hedge test set (jsonl: question, answer, truth, info)")
     data.add_argument("--hand-labels", nargs="*", default=[HAND_LABELS, HAND_LABELS_QUICK], help="hand-labelled "
                       "generations of this tool's edits, the first one measured (default: the default run's, then the "
-                      "quick run's) "
-                      "(jsonl: question, answer, truth, info, sources); a test set: their pairs are never trained on")
+                      "quick run's) (jsonl: question, answer, truth, info, sources); a test set: their pairs are never "
+                      "trained on")
     data.add_argument("--train-labels", nargs="*", default=[TRAIN_LABELS], help="hand-labelled generations of this "
                       "tool's edits to train on (jsonl: question, answer, truth, info: the share of labellers who "
                       "said yes); default: the default run's edits on the val and train questions, which no test set "
@@ -253,21 +252,13 @@ def read_judge(path, kind, args):
     return read_adapters(tensors, lora_scale(about["rank"], about["alpha"])), about
 
 
-def save_judge(path, kind, adapters, about):
-    from safetensors.torch import save_file
-    from runfiles import write_atomic
-    tensors = {f"lora.{l}.{m}.{w}": t.detach().bfloat16().contiguous() for l, modules in adapters.items()
-               for m, (a, b, _) in modules.items() for w, t in (("A", a), ("B", b))}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(dict(about, kind=kind))}))
-
-
 def training_data(args, hedges, hand_labels, generations=()):
     """The run's pairs: the judge sets' distinct pairs (subsampled with --train-pairs/--test-pairs), split into train
     and the held-out fold --fold (A, B; 'hand': a hand-labelled pair, never trained on), then the templated
     non-answers to the questions not held out, then the hand-labelled training generations that neither a test set
     nor the held-out fold holds (not a test pair nor an answer to a hedge-set question; their question not held out
-    (B), their answer not an (A) answer of it). -> (labels: kind
-    -> {pair: share of yes}, pairs, extra non-answers, generations kept, split of pairs + extra + generations)"""
+    (B), their answer not an (A) answer of it). -> (labels: kind -> {pair: share of yes}, pairs, extra non-answers,
+    generations kept, split of pairs + extra + generations)"""
     sets = {kind: read_judge_set(getattr(args, f"{kind}_data"), kind) for kind in args.kinds}
     labels = {kind: dict(zip(zip(q, a), p)) for kind, (q, a, p) in sets.items()}
     pairs = sorted(set().union(*labels.values()))  # the two official sets hold the same pairs
@@ -325,6 +316,10 @@ def main(argv=None):
     n_pairs = len(set().union(*labels.values()))
     texts = pairs + extra + [(g["question"], g["answer"]) for g in kept]
     questions, answers = [q for q, _ in texts], [a for _, a in texts]
+    repeats = np.array([1] * (len(pairs) + len(extra)) + [args.train_labels_repeat] * len(kept))  # per epoch
+
+    def rows_of(mask):  # the rows one epoch trains on: those in mask, each hand-labelled generation repeated
+        return np.repeat(np.flatnonzero(mask), repeats[mask])
     print(f"{len(pairs)} judge-set pairs + {len(extra)} non-answers + {len(kept)} hand-labelled generations (of "
           f"{len(generations)}; the others' questions or answers are held out); train {int((split == 'train').sum())}, "
           f"held out (A) {int((split == 'A').sum())}, (B) {int((split == 'B').sum())}; not trained on (hand-labelled) "
@@ -338,11 +333,9 @@ def main(argv=None):
         non_answer = 1.0 if kind == "truth" else 0.0  # TruthfulQA's rule: true, uninformative
         p_yes = np.array([labels[kind].get(pair, np.nan) for pair in pairs] + [non_answer] * len(extra)
                          + [g[kind] for g in kept], np.float32)
-        repeats = np.where(np.arange(len(p_yes)) >= len(pairs) + len(extra), args.train_labels_repeat, 1)
-        trainable = (split == "train") & ~np.isnan(p_yes)
         data = {"questions": questions, "answers": answers, "p_yes": p_yes, "hidden": hidden[kind],
                 "lengths": [len(h) for h in hidden[kind]], "prefix_kv": prefix_kv,
-                "rows": np.repeat(np.flatnonzero(trainable), repeats[trainable])}
+                "rows": rows_of((split == "train") & ~np.isnan(p_yes))}
         held_out = np.flatnonzero(np.isin(split, ["A", "B"]) & ~np.isnan(p_yes))  # a learning curve's pairs
         data["curve_rows"] = np.sort(np.random.default_rng(args.seed).permutation(held_out)[:CURVE_PAIRS])
         curve, out = [], os.path.join(args.out, f"{kind}.safetensors")
@@ -365,14 +358,12 @@ def main(argv=None):
         for group, r in measured.get("hand_labels", {}).get("groups", {}).items():
             print(f"{kind} agreement with the hand labels, {group}: {r['agreement']:.1%} (n {r['n']})", flush=True)
         if args.measure_only:
-            save_judge(out, kind, adapters, dict(shipped, **measured, remeasured={"command": run["command"],
-                                                                                   "seconds": round(time.time() - t2)}))
+            write_judge_file(out, adapter_tensors(adapters), dict(shipped, **measured, kind=kind, remeasured={
+                "command": run["command"], "seconds": round(time.time() - t2)}))
             print(f"measured again: {out}", flush=True)
             continue
         if args.refit_all:
-            every = ~np.isnan(p_yes)
-            adapters = train(model, tokenizer, kind, dict(data, rows=np.repeat(np.flatnonzero(every), repeats[every])),
-                             frozen, args,
+            adapters = train(model, tokenizer, kind, dict(data, rows=rows_of(~np.isnan(p_yes))), frozen, args,
                              log=lambda s: print(s, flush=True))
         path = getattr(args, f"{kind}_data")
         about = {**measured, "method": (f"{args.model} + LoRA (rank {args.rank}, alpha {args.alpha}) on layers "
@@ -397,7 +388,7 @@ def main(argv=None):
                  "seconds": {"frozen_pass_shared": round(frozen_seconds), "training": round(t2 - t1),
                              "measuring": round(time.time() - t2)},
                  "command": run["command"], "run": run}
-        save_judge(out, kind, adapters, about)
+        write_judge_file(out, adapter_tensors(adapters), dict(about, kind=kind))
         print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB); {time.time() - t0:.0f} s so far", flush=True)
 
 
